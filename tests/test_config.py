@@ -1,0 +1,82 @@
+"""Config loading: every shipped config and profile loads; unknown keys and wrong types name the key."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sitlib.config import DEFAULT_CONFIG, REPO_ROOT, Config, ConfigError, load_config, parse_value
+from sitlib.hardware import PROFILES
+
+
+def shipped_configs():
+    return sorted({DEFAULT_CONFIG, *REPO_ROOT.glob("configs/*.json")})
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_shipped_config_loads_with_every_profile(path, profile):
+    cfg = load_config(path, PROFILES[profile].overrides)
+    assert isinstance(cfg, Config)
+    for key, value in PROFILES[profile].overrides.items():
+        section, leaf = key.split(".")
+        assert getattr(getattr(cfg, section), leaf) == value
+
+
+def test_shipped_config_matches_defaults_keys():
+    data = json.loads(DEFAULT_CONFIG.read_text())
+    assert set(data) == set(Config().to_dict())
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"sft": {"epochz": 3}}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'sft\.epochz'"):
+        load_config(p)
+
+
+def test_wrong_type_is_named_with_expected_form(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"generation": {"batch_size": "big"}}))
+    with pytest.raises(ConfigError, match=r"'generation\.batch_size': expected int, got str 'big'"):
+        load_config(p)
+
+
+def test_bool_is_not_an_int_and_int_widens_to_float():
+    with pytest.raises(ConfigError, match="sft.batch_size"):
+        load_config(None, None, {"sft.batch_size": True})
+    assert load_config(None, None, {"sft.learning_rate": 1}).sft.learning_rate == 1.0
+
+
+def test_optional_field_accepts_null_and_string():
+    assert load_config(None, None, {"generation.system_prompt": None}).generation.system_prompt is None
+    assert load_config(None, None, {"generation.system_prompt": "Be brief."}).generation.system_prompt == "Be brief."
+
+
+def test_overrides_beat_profile_beat_file():
+    cfg = load_config(None, {"sft.epochs": 2.0}, {"sft.epochs": 1.0})
+    assert cfg.sft.epochs == 1.0
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text('{"seed": 1,\n oops}')
+    with pytest.raises(ConfigError, match=r"c\.json: not valid JSON \(line 2"):
+        load_config(p)
+
+
+def test_parse_value():
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("True") is True
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("hello") == "hello" and parse_value("None") is None
+
+
+@pytest.mark.parametrize("bad", [{"sft": {"epochz": 3}}, {"sft": {"epochs": "three"}}])
+def test_cli_rejects_bad_config_and_writes_nothing(tmp_path, bad):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps(bad))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "sitlib", "pipeline", "--stages", "01", "--config", str(cfg),
+                        "--output-dir", str(out)], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert r.returncode == 2
+    assert "sft.epoch" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
