@@ -72,6 +72,36 @@ spec("01", "setup", title="Setup",
              "SETUP_METRICS = sitlib.check_student(S)\nprint(SETUP_METRICS['generation']['reply'])")],
      results="{k: SETUP_METRICS[k] for k in ('device', 'profile', 'model_load_seconds', 'generation')}")
 
+spec("02", "magpie_generation", title="Magpie instruction generation",
+     about="The teacher sees only its chat template up to the user turn (Magpie's pre-query template) and writes "
+           "an instruction; markdown-header first tokens are blocked so no 'instruction' is a `## Step 1` "
+           "solution. A second pass answers each instruction through the full template. Rows are appended to "
+           "`data/raw/instructions.jsonl` in atomic chunks: rerun after a disconnect and it resumes.",
+     steps=[("## Teacher\nLlama-3.1-8B-Instruct on GPU profiles (4-bit on T4), the embedded SmolLM2 on CPU.",
+             "from sitlib import magpie\nTEACHER = magpie.load_teacher(S)"),
+            ("## Generate\nBatched, KV-cached sampling; the bar shows rows/s. Counts come from the profile/config.",
+             "GEN_METRICS = magpie.run_magpie(S, TEACHER)"),
+            ("## A look at the rows", "magpie.sample_rows(S, 5)")],
+     results="GEN_METRICS")
+
+spec("03", "quality_filtering", title="Quality filtering",
+     about="The original rules (length, language, repetition, refusals, toxicity, content score) plus exact and "
+           "near-duplicate removal, a pseudo-instruction detector (solutions posing as requests) and dropping "
+           "responses cut off at the token limit. Every rejection keeps its reasons; the best rows by score are "
+           "split into `sft_train` / `sft_val` in TRL's conversational prompt/completion format.",
+     steps=[("## Filter and split", "from sitlib import filtering, figures\nSTATS = filtering.run_filter(S)"),
+            ("## Funnel and reasons", "figures.show(S.paths.evaluation_figures / 'filter_funnel.png')")],
+     results="STATS")
+
+spec("04", "preference_generation", title="Preference pairs",
+     about="Each filtered instruction is answered several times at different temperatures; a scorer ranks the "
+           "answers (the OpenAssistant reward model on GPU, an offline scorer on CPU — see docs) and the best and "
+           "worst become `chosen` / `rejected` when their margin reaches the threshold. Resumable like 02.",
+     steps=[("## Sample, score, pair", "from sitlib import preference, figures\nPREF = preference.run_preference(S)"),
+            ("## Margins", "figures.show(S.paths.evaluation_figures / 'preference_margins.png')"),
+            ("## One pair", "preference.first_pair(S)")],
+     results="PREF")
+
 
 def build() -> list[Path]:
     written = []

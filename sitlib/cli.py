@@ -46,10 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run the notebook series with papermill")
     _common(p)
     p.add_argument("--stages", default=None, help="comma list, e.g. 01,02,03 (default: all)")
-    p = sub.add_parser("filter", help="quality-filter any JSONL of instruction/response rows")
+    p = sub.add_parser("filter", help="quality-filter a JSONL of instruction/response rows (default: 03's files)")
     _common(p)
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--input", default=None, help="any JSONL; without it, 03 runs on the output tree")
+    p.add_argument("--output", default=None)
     p.add_argument("--stats", default=None)
     p.add_argument("--rejected", default=None, help="also write rejected rows with their reasons")
     p.add_argument("--skip-bad-rows", action="store_true", help="report bad lines and go on instead of failing")
@@ -79,7 +79,14 @@ def run(argv: list[str] | None = None) -> int:
                                    args.config, dict(args.param))
             print(f"executed notebooks: {run_dir}")
             return 0
+        if args.command == "filter" and args.input is None:
+            from .stages import filter_stage
+
+            print(json.dumps(filter_stage(_session(args)), indent=2))
+            return 0
         if args.command == "filter":
+            if not args.output:
+                raise ValueError("--output is required with --input")
             from .filtering import filter_file
             from .config import load_config
 

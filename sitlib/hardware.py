@@ -31,13 +31,13 @@ PROFILES: dict[str, Profile] = {
     # 2 CPU cores: the embedded 135M model as teacher and student, counts small enough for minutes.
     "cpu": Profile("cpu", "cpu", "float32", overrides={
         **_EMBEDDED, "models.max_seq_length": 384,
-        "generation.num_instructions": 20, "generation.batch_size": 10, "generation.chunk_size": 10,
-        "generation.instruction_max_new_tokens": 48, "generation.response_max_new_tokens": 160,
+        "generation.num_instructions": 32, "generation.batch_size": 16, "generation.chunk_size": 16,
+        "generation.instruction_max_new_tokens": 64, "generation.response_max_new_tokens": 160,
         "generation.system_prompt": "You are a helpful assistant. Keep every answer under 80 words.",
         "filter.target_count": 16, "filter.min_score": 0.3, "filter.val_fraction": 0.2,
-        "preference.max_prompts": 6, "preference.temperatures": [0.7, 1.1], "preference.max_new_tokens": 96,
+        "preference.max_prompts": 8, "preference.temperatures": [0.7, 1.1], "preference.max_new_tokens": 96,
         "preference.batch_size": 12, "preference.min_margin": 0.05, "preference.val_fraction": 0.2,
-        "preference.chunk_size": 3,
+        "preference.chunk_size": 4,
         "sft.epochs": 2.0, "sft.batch_size": 4, "sft.gradient_accumulation": 1, "sft.learning_rate": 2e-4,
         "sft.save_steps": 4, "sft.eval_steps": 4, "sft.logging_steps": 1, "sft.warmup_ratio": 0.1,
         "prompt_tuning.epochs": 2.0, "prompt_tuning.batch_size": 4, "prompt_tuning.gradient_accumulation": 1,

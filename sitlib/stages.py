@@ -1,0 +1,20 @@
+"""CLI stages: each runs what its notebook runs, through the same sitlib functions, and returns the metrics."""
+from __future__ import annotations
+
+
+def generate(session) -> dict:
+    from .magpie import run_magpie
+
+    return run_magpie(session)
+
+
+def filter_stage(session) -> dict:
+    from .filtering import run_filter
+
+    return run_filter(session)
+
+
+def preference(session) -> dict:
+    from .preference import run_preference
+
+    return run_preference(session)
