@@ -102,6 +102,34 @@ spec("04", "preference_generation", title="Preference pairs",
             ("## One pair", "preference.first_pair(S)")],
      results="PREF")
 
+spec("05", "sft_training", title="Supervised fine-tuning (LoRA / QLoRA)",
+     about="LoRA on the student with TRL's `SFTTrainer`: bf16 LoRA on A100/H100, 4-bit QLoRA on a T4, fp32 on CPU. "
+           "Rows go through the tokenizer's chat template (no hand-written template, no double BOS); the loss "
+           "covers only the answer and its EOS (pad ≠ EOS), warmup is a ratio of the run. Checkpoints let a "
+           "rerun resume; `models/sft/final/` holds adapter, tokenizer and `training_config.json`.",
+     steps=[("## Train", "from sitlib import training, figures\nSFT = training.train_sft(S)"),
+            ("## Loss curves", "figures.show(S.paths.evaluation_figures / 'sft_training_curves.png')"),
+            ("## Sample answers\nGreedy answers to held-out instructions; `stopped_on_eos` shows the model learned "
+             "to stop.", "SFT['samples']")],
+     results="{k: v for k, v in SFT.items() if k != 'samples'}")
+
+spec("05b", "prompt_tuning", title="Prompt tuning",
+     about="PEFT prompt tuning (virtual tokens, text or random init) on the same data and template. Padding and "
+           "the prompt are masked out of the loss, batches are grouped by length (no padding to 2,048), and the "
+           "learning rate sits in PEFT's recommended 1e-2..3e-2 range.",
+     steps=[("## Train", "from sitlib import training, figures\nPT = training.train_prompt_tuning(S)"),
+            ("## Loss curves", "figures.show(S.paths.evaluation_figures / 'prompt_tuning_training_curves.png')"),
+            ("## Sample answers", "PT['samples']")],
+     results="{k: v for k, v in PT.items() if k != 'samples'}")
+
+spec("06", "dpo_training", title="Direct preference optimisation",
+     about="DPO with TRL's `DPOTrainer` on the student plus the SFT adapter (trainable). The reference model is "
+           "a frozen copy of that adapter on the same base weights, so no second copy of the base is loaded. "
+           "Prompts go through the chat template; β, learning rate and loss type come from the config.",
+     steps=[("## Train", "from sitlib import training, figures\nDPO = training.train_dpo(S)"),
+            ("## Loss and reward accuracy", "figures.show(S.paths.evaluation_figures / 'dpo_training_curves.png')")],
+     results="DPO")
+
 
 def build() -> list[Path]:
     written = []

@@ -18,3 +18,21 @@ def preference(session) -> dict:
     from .preference import run_preference
 
     return run_preference(session)
+
+
+def sft(session) -> dict:
+    from .training import train_sft
+
+    return train_sft(session)
+
+
+def prompt_tuning(session) -> dict:
+    from .training import train_prompt_tuning
+
+    return train_prompt_tuning(session)
+
+
+def dpo(session) -> dict:
+    from .training import train_dpo
+
+    return train_dpo(session)
