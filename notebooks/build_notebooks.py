@@ -130,6 +130,37 @@ spec("06", "dpo_training", title="Direct preference optimisation",
             ("## Loss and reward accuracy", "figures.show(S.paths.evaluation_figures / 'dpo_training_curves.png')")],
      results="DPO")
 
+spec("07", "benchmark_evaluation", title="Benchmark evaluation",
+     about="A built-in, offline, verifiable suite (`sitlib/data/benchmark.jsonl`): instruction-following items "
+           "whose constraints are checked by code (length, keywords, case, JSON, lists, paragraphs, start/end "
+           "phrases) and exact-answer items (arithmetic, unit conversion, facts stated in the prompt). Base, SFT, "
+           "prompt-tuned and DPO variants answer the same items with greedy, batched, cached decoding.",
+     steps=[("## Generate and score", "from sitlib import benchmark, figures\nBENCH = benchmark.run_benchmark(S)"),
+            ("## By category", "figures.show(S.paths.evaluation_figures / 'benchmark_by_category.png')")],
+     results="{m: {k: v for k, v in r.items() if k != 'per_category'} for m, r in BENCH['models'].items()}")
+
+spec("08", "agent_evaluation", title="Agent evaluation",
+     about="Tool-use episodes against simulated tools (calculator, unit converter, a lookup table of invented "
+           "facts, date arithmetic). The model sees the tools through its chat template's tool support when it "
+           "has one, else a documented JSON protocol; calls are parsed, executed and returned for up to K turns. "
+           "Success means the final answer is right.",
+     steps=[("## Run the episodes", "from sitlib import agent, figures\nAGENT = agent.run_agent_eval(S)"),
+            ("## Rates", "figures.show(S.paths.evaluation_figures / 'agent_results.png')")],
+     results="AGENT['models']")
+
+spec("09", "comparative_analysis", title="Comparative analysis",
+     about="Reads only measured files — the training metrics of 05/05b/06 and the results of 07/08 — and writes "
+           "`evaluation/metrics/comparison_summary.csv` with efficiency, quality and trade-off figures. A missing "
+           "file is an error naming it, unless `ALLOW_MISSING = True`, which shows it as 'not measured'.",
+     extra_parameters="ALLOW_MISSING = False  # True: show absent inputs as 'not measured' instead of failing",
+     steps=[("## Summary table", "from sitlib import comparison, figures\n"
+             "CMP = comparison.run_comparison(S, ALLOW_MISSING)\n"
+             "import pandas as pd\npd.DataFrame(CMP['rows']).set_index('variant').T"),
+            ("## Efficiency", "figures.show(S.paths.evaluation_figures / 'comparison_efficiency.png')"),
+            ("## Quality", "figures.show(S.paths.evaluation_figures / 'comparison_quality.png')"),
+            ("## Trade-off", "figures.show(S.paths.evaluation_figures / 'comparison_tradeoff.png')")],
+     results="CMP['missing'] or 'every input measured'")
+
 
 def build() -> list[Path]:
     written = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -97,7 +98,14 @@ def run(argv: list[str] | None = None) -> int:
             print(json.dumps(stats, indent=2))
             return 0
         module, fn = STAGE_FUNCTIONS[args.command]
-        result = getattr(importlib.import_module(module), fn)(_session(args))
+        func = getattr(importlib.import_module(module), fn)
+        # non-dotted -p keys are the notebook's own parameters, e.g. compare -p ALLOW_MISSING=True
+        kwargs = {k.lower(): v for k, v in args.param if "." not in k}
+        accepted = set(inspect.signature(func).parameters) - {"session"}
+        if set(kwargs) - accepted:
+            raise ValueError(f"stage '{args.command}' takes no parameter(s) "
+                             f"{', '.join(k.upper() for k in set(kwargs) - accepted)}")
+        result = func(_session(args), **kwargs)
         print(json.dumps(result, indent=2, default=str))
         return 0
     except USER_ERRORS as e:

@@ -36,3 +36,22 @@ def dpo(session) -> dict:
     from .training import train_dpo
 
     return train_dpo(session)
+
+
+def benchmark(session) -> dict:
+    from .benchmark import run_benchmark
+
+    return run_benchmark(session)
+
+
+def agent_eval(session) -> dict:
+    from .agent import run_agent_eval
+
+    return run_agent_eval(session)
+
+
+def compare(session, allow_missing: bool = False) -> dict:
+    from .comparison import run_comparison
+
+    result = run_comparison(session, allow_missing)
+    return {"rows": result["rows"], "missing": result["missing"]}

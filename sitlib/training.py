@@ -138,6 +138,11 @@ def run_trainer(trainer, resume: Optional[str], session, section_name: str) -> t
     return out, time.perf_counter() - t, int(trainer.state.num_input_tokens_seen) - int(tokens_before)
 
 
+def sample_tokens(cfg) -> int:
+    """Room for a whole answer: the response budget the training data was generated with, plus a margin."""
+    return max(96, cfg.generation.response_max_new_tokens + 32)
+
+
 def sample_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[dict]:
     model.eval()
     outs = generate(model, tok, chat_input_ids(tok, [[{"role": "user", "content": p}] for p in prompts]),
@@ -221,7 +226,7 @@ def train_sft(session, callbacks: Optional[list] = None) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok,
                          peft_config=peft_cfg, callbacks=callbacks)
     out, secs, tokens = run_trainer(trainer, resume, session, "sft")
-    samples = sample_answers(trainer.model, tok, val_prompts[: cfg.sft.sample_prompts], 96)
+    samples = sample_answers(trainer.model, tok, val_prompts[: cfg.sft.sample_prompts], sample_tokens(cfg))
     metrics = finish(session, "sft", trainer, tok, out, secs, tokens, fp, final_dir,
                      {"train_rows": len(train), "val_rows": len(val)}, peft_cfg,
                      {"method": "qlora_4bit" if session.profile.load_in_4bit else "lora",
@@ -254,7 +259,7 @@ def train_prompt_tuning(session, callbacks: Optional[list] = None) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok,
                          peft_config=peft_cfg, callbacks=callbacks)
     out, secs, tokens = run_trainer(trainer, resume, session, "prompt_tuning")
-    samples = sample_answers(trainer.model, tok, val_prompts[: cfg.sft.sample_prompts], 96)
+    samples = sample_answers(trainer.model, tok, val_prompts[: cfg.sft.sample_prompts], sample_tokens(cfg))
     metrics = finish(session, "prompt_tuning", trainer, tok, out, secs, tokens, fp, final_dir,
                      {"train_rows": len(train), "val_rows": len(val)}, peft_cfg,
                      {"method": "prompt_tuning", "num_virtual_tokens": pt.num_virtual_tokens, "samples": samples,
