@@ -162,11 +162,11 @@ spec("09", "comparative_analysis", title="Comparative analysis",
      results="CMP['missing'] or 'every input measured'")
 
 
-def build() -> list[Path]:
+def build(out_dir: Path = HERE) -> list[Path]:
     written = []
     for s in SPECS:
         nb = notebook(s["number"], s["title"], s["about"], s["steps"], s["results"], s.get("extra_parameters", ""))
-        path = HERE / NOTEBOOKS_BY_NUMBER[s["number"]]
+        path = Path(out_dir) / NOTEBOOKS_BY_NUMBER[s["number"]]
         nbformat.write(nb, str(path))
         written.append(path)
     return written

@@ -48,10 +48,15 @@ class BlockFirstTokens:
     Magpie's fix against solution-shaped "instructions": no markdown header (`#`, `##`, ...) may open one.
     """
 
-    def __init__(self, tok, banned: Sequence[int], prompt_len: int):
+    def __init__(self, banned: Sequence[int], blank: torch.Tensor, prompt_len: int = 0):
         self.banned = torch.tensor(sorted(set(banned)), dtype=torch.long)
-        self.blank = torch.tensor([not tok.decode([t]).strip() for t in range(len(tok))], dtype=torch.bool)
+        self.blank = blank            # bool per token id: decodes to whitespace only
         self.prompt_len = prompt_len
+
+    @classmethod
+    def markdown_headers(cls, tok) -> "BlockFirstTokens":
+        blank = torch.tensor([not tok.decode([t]).strip() for t in range(len(tok))], dtype=torch.bool)
+        return cls(markdown_header_tokens(tok), blank)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         gen = input_ids[:, self.prompt_len:]

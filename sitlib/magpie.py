@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import append_jsonl, write_metrics
 from .config import GenerationConfig
-from .generation import BlockFirstTokens, Sampling, chat_input_ids, generate, markdown_header_tokens
+from .generation import BlockFirstTokens, Sampling, chat_input_ids, generate
 
 SENTINEL = "\u2063SIT-USER-TURN\u2063"
 
@@ -87,7 +87,7 @@ def run_generation(model, tok, cfg: GenerationConfig, out_path: Path, metrics_pa
         print(f"resuming: {done} rows already in {out_path}")
     processors = []
     if cfg.block_markdown_headers:
-        processors.append(BlockFirstTokens(tok, markdown_header_tokens(tok), prompt_len=0))
+        processors.append(BlockFirstTokens.markdown_headers(tok))
     t0, rows_made, tokens = time.perf_counter(), 0, 0
     bar = tqdm(total=cfg.num_instructions, initial=done, desc="Magpie", unit="row")
     while done < cfg.num_instructions:

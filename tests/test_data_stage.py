@@ -42,7 +42,7 @@ def test_block_first_tokens_no_instruction_starts_with_header(tiny):
     assert headers and all(tok.decode([t]).lstrip().startswith("#") for t in headers)
     unblocked = _first_texts(tok, model, [LovesHeaders(headers)])
     assert sum(t.startswith("#") for t in unblocked) >= 10          # the bias works without the block...
-    blocked = _first_texts(tok, model, [LovesHeaders(headers), BlockFirstTokens(tok, headers, 0)])
+    blocked = _first_texts(tok, model, [LovesHeaders(headers), BlockFirstTokens.markdown_headers(tok)])
     assert not any(t.lstrip().startswith("#") for t in blocked)      # ...and the block removes every one
     assert any("#" in t for t in blocked)                             # headers stay allowed later in the text
 
