@@ -38,6 +38,6 @@ def test_notebook_shape(path):
     code = [c for c in cells if c["cell_type"] == "code"]
     assert "parameters" in code[1]["metadata"].get("tags", [])
     assert "sitlib.setup(PROFILE, OUTPUT_DIR, CONFIG_PATH, OVERRIDES)" in "".join(code[2]["source"])
-    assert cells[-2]["source"] == "## Results"
+    assert "".join(cells[-2]["source"]) == "## Results"
     assert not any(c.get("outputs") for c in code) and all(c.get("execution_count") is None for c in code)
     assert all(len("".join(c["source"]).splitlines()) <= 25 for c in code)
