@@ -82,7 +82,8 @@ def common_args(section, session, out_dir: Path, padding_free: bool) -> dict:
         bf16=prof.bf16, fp16=prof.fp16, use_cpu=prof.device == "cpu",
         # TRL turns checkpointing on by default; on 2 CPU cores it made SmolLM2 SFT 60% slower
         gradient_checkpointing=prof.gradient_checkpointing, padding_free=padding_free,
-        max_length=session.config.models.max_seq_length, report_to="none", seed=session.config.seed,
+        # padding-free does not enforce max_length in TRL (it refuses one); tokenize_sft already truncated the rows
+        max_length=None if padding_free else session.config.models.max_seq_length, report_to="none", seed=session.config.seed,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, save_only_model=False,
     )
 
@@ -123,8 +124,18 @@ def oom_hint(session, section_name: str) -> str:
             f"{session.config.models.max_seq_length})")
 
 
+def fp32_adapters_without_bf16(trainer, profile) -> None:
+    """TRL casts trainable weights of a 4-bit model to bf16; fp16 AMP (a T4 has no bf16) cannot unscale bf16
+    gradients, so there the adapter goes back to fp32 before the optimizer is built (at train())."""
+    if profile.load_in_4bit and not profile.bf16:
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype == torch.bfloat16:
+                p.data = p.data.float()
+
+
 def run_trainer(trainer, resume: Optional[str], session, section_name: str) -> tuple[object, float, int]:
     """Train (resuming), returning (TrainOutput, seconds, non-padding tokens processed in this run)."""
+    fp32_adapters_without_bf16(trainer, session.profile)
     tokens_before = 0
     if resume:
         tokens_before = json.loads((Path(resume) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)

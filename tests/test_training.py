@@ -3,6 +3,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from sitlib import training
@@ -133,6 +134,31 @@ def test_qlora_4bit_path_trains_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setitem(PROFILES, "cpu", q)
     S = _session(tmp_path, tiny_model_dir, **{"sft.max_steps": 2})
     assert S.profile.load_in_4bit
-    m = training.train_sft(S)
+    m = training.train_sft(S, callbacks=[AdapterDtypes(seen := [])])
     assert m["method"] == "qlora_4bit" and m["steps"] == 2
     assert m["total_parameters"] > m["trainable_parameters"] > 0
+    # TRL makes a 4-bit model's adapter bf16; without bf16 (a T4's fp16 AMP) it must train in fp32
+    assert seen and set(seen) == {torch.float32}
+
+
+class AdapterDtypes(TrainerCallback):
+    def __init__(self, seen):
+        self.seen = seen
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.seen += [p.dtype for p in model.parameters() if p.requires_grad]
+
+
+def test_padding_free_profiles_build_a_trainer(tmp_path, tiny_model_dir, monkeypatch):
+    """TRL refuses max_length with padding-free; the GPU profiles use padding-free, so this must construct."""
+    from trl import SFTConfig, SFTTrainer
+
+    S = _session(tmp_path, tiny_model_dir)
+    tok = load_tokenizer(str(tiny_model_dir))
+    train, val, _ = training.tokenized_sft_split(S, tok)
+    args = SFTConfig(**training.common_args(S.config.sft, S, tmp_path / "ck", padding_free=True),
+                     completion_only_loss=True)
+    from sitlib.models import load_model
+    trainer = SFTTrainer(model=load_model(str(tiny_model_dir), PROFILES["cpu"]), args=args, train_dataset=train,
+                         eval_dataset=val, processing_class=tok)
+    assert trainer.args.padding_free and trainer.args.max_length is None
