@@ -54,6 +54,36 @@ def summarise(rows: list[dict]) -> dict:
             "per_category": {c: round(sum(v) / len(v), 4) for c, v in sorted(cats.items())}}
 
 
+def lm_eval_results(session) -> dict:
+    """Optional lm-evaluation-harness tasks per variant; a clear note instead when it cannot run here."""
+    import importlib.util
+    import os
+
+    ev = session.config.evaluation
+    if not ev.lm_eval_tasks:
+        return {"status": "not requested (evaluation.lm_eval_tasks is empty)"}
+    if importlib.util.find_spec("lm_eval") is None:
+        return {"status": "skipped: the lm-eval package is not installed (pip install lm-eval)"}
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return {"status": "skipped: offline (its task data comes from the Hugging Face hub)"}
+    import lm_eval
+
+    from .models import resolve_model
+    from .variants import adapter_dir
+
+    base = resolve_model(session.config.models.student)
+    out = {"status": "ran", "tasks": ev.lm_eval_tasks, "limit": ev.lm_eval_limit or None, "models": {}}
+    for name in ev.variants:
+        args = f"pretrained={base}" + ("" if name == "base" else f",peft={adapter_dir(session, name)}")
+        try:
+            res = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=list(ev.lm_eval_tasks),
+                                          limit=ev.lm_eval_limit or None, batch_size=ev.batch_size)
+        except Exception as e:   # no network, unknown task: say so, never fill in a number
+            return {"status": f"skipped: lm-eval failed ({type(e).__name__}: {e})"}
+        out["models"][name] = res["results"]
+    return out
+
+
 def run_benchmark(session) -> dict:
     """07: every variant answers the same items greedily; rows, results and a per-category figure."""
     ev, p = session.config.evaluation, session.paths
@@ -70,7 +100,8 @@ def run_benchmark(session) -> dict:
         models[name] = summarise(vrows)
     write_jsonl(p.evaluation_results / "benchmark_generations.jsonl", rows)
     results = {"models": models, "suite": SUITE.name, "items": [it["id"] for it in items],
-               "max_new_tokens": ev.max_new_tokens, "decoding": "greedy", "profile": session.profile.name}
+               "max_new_tokens": ev.max_new_tokens, "decoding": "greedy", "profile": session.profile.name,
+               "lm_eval": lm_eval_results(session)}
     write_json(p.evaluation_results / "benchmark_results.json", results)
     grouped_bars({m: r["per_category"] for m, r in models.items()}, p.evaluation_figures / "benchmark_by_category.png",
                  "Benchmark: share of items passed, by category", "prompt-level accuracy")

@@ -137,12 +137,15 @@ class EvaluationConfig:
     agent_episodes: int = 0           # 0 = every episode
     agent_max_turns: int = 4
     agent_max_new_tokens: int = 96
+    lm_eval_tasks: list = field(default_factory=list)   # e.g. ["ifeval"]: lm-evaluation-harness, needs network
+    lm_eval_limit: int = 100                             # items per task (0 = all)
 
 
 @dataclass
 class CostConfig:
-    # Colab compute units per hour by profile (the original paid 5.37/h on an A100).
-    units_per_hour: dict = field(default_factory=lambda: {"cpu": 0.0, "t4": 1.76, "a100": 5.37, "h100": 8.0})
+    # Colab compute units per hour by profile: the original paid 5.37/h on an A100. Rates you have not looked up
+    # stay null, and the cost is then reported as null rather than guessed.
+    units_per_hour: dict = field(default_factory=lambda: {"cpu": 0.0, "t4": None, "a100": 5.37, "h100": None})
 
 
 @dataclass

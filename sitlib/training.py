@@ -172,7 +172,7 @@ def finish(session, stage: str, trainer, tok, train_out, seconds: float, tokens:
         if key in eval_metrics:   # DPO only
             extra[name] = round(float(eval_metrics[key]), 5)
     hours = seconds / 3600
-    rate = session.config.cost.units_per_hour.get(session.profile.name, 0.0)
+    rate = session.config.cost.units_per_hour.get(session.profile.name)
     metrics = {
         "stage": stage, **count_parameters(trainer.model),
         "train_loss": round(train_out.training_loss, 5), "eval_loss": round(eval_metrics["eval_loss"], 5),
@@ -180,7 +180,8 @@ def finish(session, stage: str, trainer, tok, train_out, seconds: float, tokens:
         "runtime_seconds": round(seconds, 2), "tokens_this_run": tokens,
         "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
         **peak_memory_gb(session.profile), "device": session.detection.device_name,
-        "profile": session.profile.name, "compute_units": round(hours * rate, 4), "compute_units_per_hour": rate,
+        "profile": session.profile.name, "compute_units_per_hour": rate,
+        "compute_units": None if rate is None else round(hours * rate, 4),
         **data_sizes, **extra, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     # only the trained adapter: DPO's frozen "ref" copy is not part of the result

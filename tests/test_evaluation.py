@@ -181,3 +181,13 @@ def test_benchmark_and_agent_on_tiny_model(tmp_path, tiny_model_dir):
     a = agent.run_agent_eval(S)
     assert a["models"]["base"]["n_episodes"] == 4
     assert (S.paths.evaluation_results / "agent_transcripts.jsonl").exists()
+
+
+def test_lm_eval_is_skipped_with_a_note_never_faked(tmp_path, monkeypatch):
+    S = setup("cpu", str(tmp_path / "o"), verbose=False)
+    assert benchmark.lm_eval_results(S)["status"].startswith("not requested")
+    S.config.evaluation.lm_eval_tasks = ["ifeval"]
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    res = benchmark.lm_eval_results(S)
+    assert res["status"].startswith("skipped: the lm-eval package is not installed") and "models" not in res

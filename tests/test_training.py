@@ -162,3 +162,16 @@ def test_padding_free_profiles_build_a_trainer(tmp_path, tiny_model_dir, monkeyp
     trainer = SFTTrainer(model=load_model(str(tiny_model_dir), PROFILES["cpu"]), args=args, train_dataset=train,
                          eval_dataset=val, processing_class=tok)
     assert trainer.args.padding_free and trainer.args.max_length is None
+
+
+def test_gpu_oom_names_the_values_to_lower(tmp_path, tiny_model_dir):
+    S = _session(tmp_path, tiny_model_dir)
+
+    class Boom:
+        state = None
+
+        def train(self, resume_from_checkpoint=None):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        model = torch.nn.Linear(1, 1)
+    with pytest.raises(RuntimeError, match=r"lower sft\.batch_size \(now 4\).*sft\.gradient_accumulation"):
+        training.run_trainer(Boom(), None, S, "sft")
