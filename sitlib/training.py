@@ -215,72 +215,64 @@ def _done(final_dir: Path, fp: str) -> Optional[dict]:
 
 # ---------------------------------------------------------------- stages
 
-def train_sft(session, callbacks: Optional[list] = None) -> dict:
-    """05: LoRA (bf16/fp32) or QLoRA (4-bit) SFT, completion-only loss through the chat template."""
+def _train_on_sft_data(session, stage: str, tree_dir: Path, peft_cfg, fp_parts: tuple, args_kw: dict,
+                       extra: dict, callbacks: Optional[list]) -> dict:
+    """The part 05 and 05b share: SFT rows → SFTTrainer with one PEFT config → resume → samples → artefacts."""
     from trl import SFTConfig, SFTTrainer
 
-    from .models import load_model, load_tokenizer, lora_config
+    from .models import load_model, load_tokenizer
 
-    cfg, p = session.config, session.paths
+    cfg = session.config
     tok = load_tokenizer(cfg.models.student)
     train, val, val_prompts = tokenized_sft_split(session, tok)
-    fp = fingerprint("sft", asdict(cfg.sft), asdict(cfg.lora), cfg.models.student, cfg.models.max_seq_length,
-                     session.profile.name, train.to_list(), val.to_list())
-    final_dir, ckpt_dir = p.models_sft / "final", p.models_sft / "checkpoints"
+    fp = fingerprint(stage, *fp_parts, cfg.models.student, cfg.models.max_seq_length, session.profile.name,
+                     train.to_list(), val.to_list())
+    final_dir, ckpt_dir = tree_dir / "final", tree_dir / "checkpoints"
     if (done := _done(final_dir, fp)) is not None:
         return done
     resume = prepare_checkpoints(ckpt_dir, fp)
     model = load_model(cfg.models.student, session.profile, for_training=True)
-    args = SFTConfig(**common_args(cfg.sft, session, ckpt_dir, session.profile.padding_free),
-                     optim=cfg.sft.optimizer, weight_decay=cfg.sft.weight_decay, completion_only_loss=True)
-    peft_cfg = lora_config(cfg.lora)
+    section = getattr(cfg, stage)
+    args = SFTConfig(**common_args(section, session, ckpt_dir, args_kw.pop("padding_free")),
+                     completion_only_loss=True, **args_kw)
     # one PEFT wrap: the trainer applies peft_config (no get_peft_model beforehand)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok,
                          peft_config=peft_cfg, callbacks=callbacks)
-    out, secs, tokens = run_trainer(trainer, resume, session, "sft")
+    out, secs, tokens = run_trainer(trainer, resume, session, stage)
     samples = sample_answers(trainer.model, tok, val_prompts[: cfg.sft.sample_prompts], sample_tokens(cfg))
-    metrics = finish(session, "sft", trainer, tok, out, secs, tokens, fp, final_dir,
-                     {"train_rows": len(train), "val_rows": len(val)}, peft_cfg,
-                     {"method": "qlora_4bit" if session.profile.load_in_4bit else "lora",
-                      "samples": samples,
-                      "sample_eos_stop_rate": round(sum(s["stopped_on_eos"] for s in samples) / max(len(samples), 1), 4)})
-    return metrics
+    extra = {**extra, "samples": samples,
+             "sample_eos_stop_rate": round(sum(s["stopped_on_eos"] for s in samples) / max(len(samples), 1), 4)}
+    return finish(session, stage, trainer, tok, out, secs, tokens, fp, final_dir,
+                  {"train_rows": len(train), "val_rows": len(val)}, peft_cfg, extra)
+
+
+def train_sft(session, callbacks: Optional[list] = None) -> dict:
+    """05: LoRA (bf16/fp32) or QLoRA (4-bit) SFT, completion-only loss through the chat template."""
+    from .models import lora_config
+
+    cfg = session.config
+    return _train_on_sft_data(
+        session, "sft", session.paths.models_sft, lora_config(cfg.lora), (asdict(cfg.sft), asdict(cfg.lora)),
+        {"padding_free": session.profile.padding_free, "optim": cfg.sft.optimizer,
+         "weight_decay": cfg.sft.weight_decay},
+        {"method": "qlora_4bit" if session.profile.load_in_4bit else "lora"}, callbacks)
 
 
 def train_prompt_tuning(session, callbacks: Optional[list] = None) -> dict:
     """05b: PEFT prompt tuning on the same data; padding and prompt masked, length-grouped batches."""
-    from trl import SFTConfig, SFTTrainer
+    from .models import prompt_tuning_config, resolve_model
 
-    from .models import load_model, load_tokenizer, prompt_tuning_config, resolve_model
-
-    cfg, p = session.config, session.paths
-    pt = cfg.prompt_tuning
-    tok = load_tokenizer(cfg.models.student)
-    train, val, val_prompts = tokenized_sft_split(session, tok)
-    fp = fingerprint("pt", asdict(pt), cfg.models.student, cfg.models.max_seq_length, session.profile.name,
-                     train.to_list(), val.to_list())
-    final_dir, ckpt_dir = p.models_prompt_tuning / "final", p.models_prompt_tuning / "checkpoints"
-    if (done := _done(final_dir, fp)) is not None:
-        return done
-    resume = prepare_checkpoints(ckpt_dir, fp)
-    model = load_model(cfg.models.student, session.profile, for_training=True)
-    # padding-free packs rows into one sequence; virtual tokens must prefix every row, so it stays off here
-    args = SFTConfig(**common_args(pt, session, ckpt_dir, padding_free=False), completion_only_loss=True,
-                     train_sampling_strategy="group_by_length")
-    peft_cfg = prompt_tuning_config(pt, resolve_model(cfg.models.student))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok,
-                         peft_config=peft_cfg, callbacks=callbacks)
-    out, secs, tokens = run_trainer(trainer, resume, session, "prompt_tuning")
-    samples = sample_answers(trainer.model, tok, val_prompts[: cfg.sft.sample_prompts], sample_tokens(cfg))
-    metrics = finish(session, "prompt_tuning", trainer, tok, out, secs, tokens, fp, final_dir,
-                     {"train_rows": len(train), "val_rows": len(val)}, peft_cfg,
-                     {"method": "prompt_tuning", "num_virtual_tokens": pt.num_virtual_tokens, "samples": samples,
-                      "sample_eos_stop_rate": round(sum(s["stopped_on_eos"] for s in samples) / max(len(samples), 1), 4)})
-    return metrics
+    pt = session.config.prompt_tuning
+    return _train_on_sft_data(
+        session, "prompt_tuning", session.paths.models_prompt_tuning,
+        prompt_tuning_config(pt, resolve_model(session.config.models.student)), (asdict(pt),),
+        # padding-free packs rows into one sequence; virtual tokens must prefix every row, so it stays off here
+        {"padding_free": False, "train_sampling_strategy": "group_by_length"},
+        {"method": "prompt_tuning", "num_virtual_tokens": pt.num_virtual_tokens}, callbacks)
 
 
 def train_dpo(session, callbacks: Optional[list] = None) -> dict:
-    """06: DPO on base + SFT adapter (trainable); the reference is the same model with the adapter disabled."""
+    """06: DPO on base + SFT adapter (trainable); the reference is a frozen copy of that adapter on the same base."""
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
