@@ -13,14 +13,14 @@ from .config import ConfigError, parse_value
 # CLI stage → (module, function taking a Session and returning its metrics dict)
 STAGE_FUNCTIONS = {
     "setup": ("sitlib.session", "check_student"),
-    "generate": ("sitlib.stages", "generate"),
-    "preference": ("sitlib.stages", "preference"),
-    "sft": ("sitlib.stages", "sft"),
-    "prompt-tuning": ("sitlib.stages", "prompt_tuning"),
-    "dpo": ("sitlib.stages", "dpo"),
-    "benchmark": ("sitlib.stages", "benchmark"),
-    "agent-eval": ("sitlib.stages", "agent_eval"),
-    "compare": ("sitlib.stages", "compare"),
+    "generate": ("sitlib.magpie", "run_magpie"),
+    "preference": ("sitlib.preference", "run_preference"),
+    "sft": ("sitlib.training", "train_sft"),
+    "prompt-tuning": ("sitlib.training", "train_prompt_tuning"),
+    "dpo": ("sitlib.training", "train_dpo"),
+    "benchmark": ("sitlib.benchmark", "run_benchmark"),
+    "agent-eval": ("sitlib.agent", "run_agent_eval"),
+    "compare": ("sitlib.comparison", "run_comparison"),
 }
 # errors that are the user's input, not a bug: one line, no traceback
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, RuntimeError)  # PipelineError is a RuntimeError
@@ -81,9 +81,9 @@ def run(argv: list[str] | None = None) -> int:
             print(f"executed notebooks: {run_dir}")
             return 0
         if args.command == "filter" and args.input is None:
-            from .stages import filter_stage
+            from .filtering import run_filter
 
-            print(json.dumps(filter_stage(_session(args)), indent=2))
+            print(json.dumps(run_filter(_session(args)), indent=2))
             return 0
         if args.command == "filter":
             if not args.output:
@@ -101,7 +101,9 @@ def run(argv: list[str] | None = None) -> int:
         func = getattr(importlib.import_module(module), fn)
         # non-dotted -p keys are the notebook's own parameters, e.g. compare -p ALLOW_MISSING=True
         kwargs = {k.lower(): v for k, v in args.param if "." not in k}
-        accepted = set(inspect.signature(func).parameters) - {"session"}
+        # only plain flags (e.g. allow_missing) may come from -p; objects like a loaded teacher may not
+        accepted = {k for k, prm in inspect.signature(func).parameters.items()
+                    if k != "session" and isinstance(prm.default, bool)}
         if set(kwargs) - accepted:
             raise ValueError(f"stage '{args.command}' takes no parameter(s) "
                              f"{', '.join(k.upper() for k in set(kwargs) - accepted)}")

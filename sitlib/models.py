@@ -100,15 +100,11 @@ def quantization_config(profile: Profile):
         return None
     from transformers import BitsAndBytesConfig
 
-    compute = "bfloat16" if profile.bf16 else "float16" if profile.device == "cuda" else "float32"
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch_dtype_name(compute))
-
-
-def torch_dtype_name(name: str):
     import torch
 
-    return getattr(torch, name)
+    compute = torch.bfloat16 if profile.bf16 else torch.float16 if profile.device == "cuda" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def load_model(name: str, profile: Profile, for_training: bool = False):
