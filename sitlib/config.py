@@ -42,6 +42,11 @@ class GenerationConfig:
     response_temperature: float = 0.7
     response_top_p: float = 0.9
     response_max_new_tokens: int = 512
+    # verifiable instruction-following data: this share of instructions gets 1..max_constraints IFEval-style
+    # constraints appended; the teacher answers constraint_samples times and code checks each answer
+    constraint_share: float = 0.3
+    max_constraints: int = 3
+    constraint_samples: int = 4
 
 
 @dataclass
@@ -69,6 +74,8 @@ class PreferenceConfig:
     min_margin: float = 0.5
     val_fraction: float = 0.1
     chunk_size: int = 32
+    # who writes the candidates: "teacher" (at each temperature) or "sft" (the 05 adapter; run 04 after 05)
+    candidate_source: str = "teacher"
 
 
 @dataclass
@@ -139,6 +146,7 @@ class EvaluationConfig:
     agent_max_new_tokens: int = 96
     lm_eval_tasks: list = field(default_factory=list)   # e.g. ["ifeval"]: lm-evaluation-harness, needs network
     lm_eval_limit: int = 100                             # items per task (0 = all)
+    official_ifeval: bool = True      # also the official IFEval prompts when the hub is reachable (skipped offline)
 
 
 @dataclass
