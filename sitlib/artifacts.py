@@ -9,9 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-
-class MissingInputError(FileNotFoundError):
-    """An input another notebook produces is absent; the message says which notebook to run first."""
+from .errors import BadInputError, MissingInputError  # re-exported: artifacts.MissingInputError is errors'
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> Path:

@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.json"
-
-
-class ConfigError(ValueError):
-    """Bad configuration: the message names the key, the value and the expected form."""
 
 
 @dataclass
@@ -225,19 +223,26 @@ def _dotted_to_nested(overrides: dict) -> dict:
     return nested
 
 
+def _read_file(path: str | Path | None) -> tuple[Path, dict]:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        if path != DEFAULT_CONFIG:
+            raise ConfigError(f"config file not found: {path}")
+        return path, {}
+    try:
+        return path, json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from None
+
+
 def load_config(path: str | Path | None = None, profile_overrides: dict | None = None,
                 overrides: dict | None = None) -> Config:
     """config.json (or `path`), then the profile's dotted overrides, then the caller's dotted overrides."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    path, data = _read_file(path)
     cfg = Config()
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        _merge(cfg, data)
-    elif path != DEFAULT_CONFIG:
-        raise ConfigError(f"config file not found: {path}")
+    _merge(cfg, data)
     for layer in (profile_overrides or {}, overrides or {}):
         _merge(cfg, _dotted_to_nested(layer))
     return cfg
@@ -251,3 +256,35 @@ def parse_value(text: str) -> Any:
         except json.JSONDecodeError:
             continue
     return text
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value and prefix + key not in _DICT_VALUED:
+            out.update(_flatten(value, prefix + key + "."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# keys whose value is itself a dict (shown as one row, not split into sub-keys)
+_DICT_VALUED = {"cost.units_per_hour"}
+
+
+def explain(config_path: str | Path | None = None, profile_name: str = "", profile_overrides: dict | None = None,
+            overrides: dict | None = None, sections: Optional[list[str]] = None) -> list[dict]:
+    """The resolved settings with the layer that set each: {"key", "value", "source"}, source being
+    "config.json" (the file; "default" when the file lacks the key), "profile <name>" or "parameter".
+    `sections` (e.g. ["sft", "lora"]) limits the rows; the config is validated exactly as load_config does."""
+    path, data = _read_file(config_path)
+    cfg = load_config(config_path, profile_overrides, overrides)
+    sources = {k: path.name for k in _flatten(data)}
+    sources.update({k: f"profile {profile_name}".strip() for k in (profile_overrides or {})})
+    sources.update({k: "parameter" for k in (overrides or {})})
+    rows = []
+    for key, value in _flatten(cfg.to_dict()).items():
+        if sections and key.split(".")[0] not in sections:
+            continue
+        rows.append({"key": key, "value": value, "source": sources.get(key, "default")})
+    return rows

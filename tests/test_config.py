@@ -80,3 +80,24 @@ def test_cli_rejects_bad_config_and_writes_nothing(tmp_path, bad):
     assert r.returncode == 2
     assert "sft.epoch" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_explain_names_the_layer_that_set_each_key(tmp_path):
+    from sitlib.config import explain
+
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"sft": {"epochs": 5.0, "learning_rate": 1e-4}}))
+    rows = {r["key"]: r for r in explain(p, "cpu", {"sft.epochs": 2.0, "sft.batch_size": 4},
+                                         {"sft.batch_size": 2}, ["sft"])}
+    assert rows["sft.learning_rate"] == {"key": "sft.learning_rate", "value": 1e-4, "source": "c.json"}
+    assert rows["sft.epochs"] == {"key": "sft.epochs", "value": 2.0, "source": "profile cpu"}
+    assert rows["sft.batch_size"] == {"key": "sft.batch_size", "value": 2, "source": "parameter"}
+    assert rows["sft.save_steps"]["source"] == "default" and all(k.startswith("sft.") for k in rows)
+    shipped = {r["key"]: r["source"] for r in explain(None, "t4", {}, {}, None)}
+    assert shipped["lora.r"] == "config.json" and shipped["cost.units_per_hour"] == "config.json"
+
+
+def test_error_types_are_the_projects():
+    from sitlib import artifacts, config, errors
+
+    assert config.ConfigError is errors.ConfigError and artifacts.MissingInputError is errors.MissingInputError
