@@ -1,8 +1,19 @@
 """Accelerator detection, the hardware profile (data, not branches), and precision set-up in one place."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
+
+from .errors import ConfigError, ProfileError
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+EMULATE_ENV = "SIT_EMULATE_GPU_GB"
+# A card reports a little less than its label (a 40 GB A100 shows 39.4 GiB, a T4 14.7 GiB): a profile measured
+# for a card fits any card with at least this share of that memory.
+LABEL_TOLERANCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -10,10 +21,14 @@ class Profile:
     name: str
     device: str                     # "cuda" or "cpu"
     dtype: str                      # torch dtype name for weights / compute
-    load_in_4bit: bool = False      # QLoRA (NF4 + double quant) for the student and teacher
+    load_in_4bit: bool = False      # QLoRA (NF4 + double quant) for the student
+    teacher_4bit: Optional[bool] = None   # the teacher in 4-bit; None = same as the student
     gradient_checkpointing: bool = False
     tf32: bool = False
     padding_free: bool = False      # TRL padding-free batches (needs a varlen-capable attention)
+    # transformers attention implementation; a name starting with "sit_" is registered by sitlib.attention
+    attn_implementation: str = "sdpa"
+    min_memory_gb: float = 0.0      # the card size (GB) this profile's settings were measured for
     overrides: dict = field(default_factory=dict)   # dotted config keys this profile sets
 
     @property
@@ -24,9 +39,22 @@ class Profile:
     def fp16(self) -> bool:
         return self.dtype == "float16"
 
+    @property
+    def teacher_in_4bit(self) -> bool:
+        return self.load_in_4bit if self.teacher_4bit is None else self.teacher_4bit
+
+    @property
+    def weights_key(self) -> str:
+        """Changes exactly when the student's training checkpoints stop being resumable: dtype and 4-bit."""
+        return self.dtype + ("-4bit" if self.load_in_4bit else "")
+
 
 _EMBEDDED = {"models.student": "embedded", "models.teacher": "embedded", "models.scorer": "offline"}
 
+# Settings are first estimates scaled from the H100 measurements (SFT 31.5 GB, DPO 41.6 GB at batch 8 x 2 with
+# the 3B shape); bench/bench_memory.py measures every stage of every profile under its card's memory and
+# bench/results/memory_<device>.json holds the peaks (the target: each stage <= 90% of the card).
+_BF16 = dict(device="cuda", dtype="bfloat16", tf32=True)
 PROFILES: dict[str, Profile] = {
     # 2 CPU cores: the embedded 135M model as teacher and student, counts small enough for minutes.
     "cpu": Profile("cpu", "cpu", "float32", overrides={
@@ -48,29 +76,82 @@ PROFILES: dict[str, Profile] = {
         "evaluation.benchmark_items": 12, "evaluation.max_new_tokens": 64, "evaluation.batch_size": 12,
         "evaluation.agent_episodes": 4, "evaluation.agent_max_turns": 3, "evaluation.agent_max_new_tokens": 48,
     }),
-    # T4, 16 GB, compute capability 7.5: no bf16 hardware, so fp16 + 4-bit QLoRA + checkpointing.
-    "t4": Profile("t4", "cuda", "float16", load_in_4bit=True, gradient_checkpointing=True, overrides={
+    # T4, 15 GB, compute capability 7.5: no bf16 hardware, so fp16 + 4-bit QLoRA + checkpointing.
+    "t4": Profile("t4", "cuda", "float16", load_in_4bit=True, gradient_checkpointing=True, min_memory_gb=15,
+                  overrides={
         "sft.batch_size": 4, "sft.gradient_accumulation": 6, "sft.optimizer": "paged_adamw_8bit",
         "prompt_tuning.batch_size": 4, "prompt_tuning.gradient_accumulation": 6,
         "dpo.batch_size": 2, "dpo.gradient_accumulation": 8, "generation.batch_size": 16,
-        "preference.batch_size": 8, "models.max_seq_length": 768,
+        "preference.batch_size": 8, "evaluation.batch_size": 16, "models.max_seq_length": 768,
     }),
-    # bf16 LoRA without quantisation: measured 2.4x faster than 4-bit on an H100 (DESIGN.md).
-    "a100": Profile("a100", "cuda", "bfloat16", tf32=True, padding_free=True, overrides={
-        "generation.batch_size": 64, "preference.batch_size": 32}),
+    # L4, 22.5 GB, cc 8.9: bf16; the 8B teacher in 4-bit (16 GB of bf16 weights leave no room for its KV cache);
+    # the 3B student in bf16 (6.4 GB) with checkpointing and small micro-batches, same effective batch as h100.
+    "l4": Profile("l4", teacher_4bit=True, gradient_checkpointing=True, padding_free=True, min_memory_gb=22.5,
+                  **_BF16, overrides={
+        "sft.batch_size": 4, "sft.gradient_accumulation": 6,
+        "prompt_tuning.batch_size": 4, "prompt_tuning.gradient_accumulation": 6,
+        "dpo.batch_size": 2, "dpo.gradient_accumulation": 8, "generation.batch_size": 32,
+        "preference.batch_size": 16, "evaluation.batch_size": 32,
+    }),
+    # A100 40 GB (the original author's card): bf16 LoRA without checkpointing; DPO peaked at 41.6 GB at
+    # batch 8 x 2, so DPO and SFT micro-batches are halved (effective batch kept).
+    "a100-40gb": Profile("a100-40gb", padding_free=True, min_memory_gb=40, **_BF16, overrides={
+        "sft.batch_size": 6, "sft.gradient_accumulation": 4,
+        "prompt_tuning.batch_size": 6, "prompt_tuning.gradient_accumulation": 4,
+        "dpo.batch_size": 4, "dpo.gradient_accumulation": 4, "generation.batch_size": 64,
+        "preference.batch_size": 32, "evaluation.batch_size": 64,
+    }),
+    # 80 GB cards: bf16 LoRA without 4-bit or checkpointing (measured 2.4x faster than 4-bit on an H100).
     # generation batch 256: 2,088 tok/s vs 1,871 at 128 on the 8B teacher shape (bench/results/generation_8b_*.json)
-    "h100": Profile("h100", "cuda", "bfloat16", tf32=True, padding_free=True, overrides={
+    "a100-80gb": Profile("a100-80gb", padding_free=True, min_memory_gb=80, **_BF16, overrides={
+        "generation.batch_size": 256, "preference.batch_size": 64, "evaluation.batch_size": 64}),
+    "h100": Profile("h100", padding_free=True, min_memory_gb=80, **_BF16, overrides={
         "generation.batch_size": 256, "preference.batch_size": 64, "evaluation.batch_size": 64}),
 }
+ALIASES = ("a100",)   # resolved by the card's memory: a100-40gb or a100-80gb
+GPU_CARDS_GB = {"t4": 15, "l4": 22.5, "a100-40gb": 40, "a100-80gb": 80, "h100": 80}
+
+
+def profile_for(compute_capability: Optional[tuple], memory_gb: float) -> str:
+    """The profile for a card: by compute capability (bf16 needs >= 8.0) and by memory (what fits)."""
+    if compute_capability is None:
+        return "cpu"
+    cc = tuple(compute_capability)
+    # below 8.0 there is no bf16 hardware; a bf16-capable card smaller than an L4 gets the 15 GB settings too
+    if cc < (8, 0) or memory_gb < LABEL_TOLERANCE * PROFILES["l4"].min_memory_gb:
+        return "t4"
+    if memory_gb < 30:
+        return "l4"
+    if memory_gb < 60:
+        return "a100-40gb"
+    return "h100" if cc >= (9, 0) else "a100-80gb"
 
 
 @dataclass(frozen=True)
 class Detection:
     device_name: str
     compute_capability: Optional[tuple]
-    memory_gb: float
+    memory_gb: float                # what the profile was picked for (the emulated size under SIT_EMULATE_GPU_GB)
     profile: str
     reason: str
+    device_memory_gb: float = 0.0   # the physical card's memory
+
+    @property
+    def emulated(self) -> bool:
+        return self.device_memory_gb > 0 and abs(self.memory_gb - self.device_memory_gb) > 1e-6
+
+
+def emulated_gb() -> Optional[float]:
+    raw = os.environ.get(EMULATE_ENV)
+    if not raw:
+        return None
+    try:
+        gb = float(raw)
+    except ValueError:
+        raise ConfigError(f"{EMULATE_ENV}={raw!r}: expected a number of GB, e.g. 40") from None
+    if gb <= 0:
+        raise ConfigError(f"{EMULATE_ENV}={raw!r}: expected a positive number of GB")
+    return gb
 
 
 def detect() -> Detection:
@@ -81,23 +162,54 @@ def detect() -> Detection:
         return Detection("cpu", None, 0.0, "cpu", "no CUDA device: embedded model on the CPU")
     props = torch.cuda.get_device_properties(0)
     cc = (props.major, props.minor)
-    mem = props.total_memory / 2**30
+    device_gb = props.total_memory / 2**30
+    mem = device_gb
+    if (gb := emulated_gb()) is not None:
+        if gb > device_gb:
+            raise ConfigError(f"{EMULATE_ENV}={gb:g} is more than this card's {device_gb:.1f} GB")
+        mem = gb
+    name = profile_for(cc, mem)
     # bf16 by compute capability: is_bf16_supported() says True on a T4 through slow emulation.
-    if cc < (8, 0):
-        return Detection(props.name, cc, mem, "t4", f"compute capability {cc[0]}.{cc[1]} < 8.0: fp16 + 4-bit QLoRA")
-    if cc >= (9, 0):
-        return Detection(props.name, cc, mem, "h100", f"compute capability {cc[0]}.{cc[1]} (Hopper): bf16 + tf32")
-    return Detection(props.name, cc, mem, "a100", f"compute capability {cc[0]}.{cc[1]} (Ampere+): bf16 + tf32")
+    precision = "fp16 + 4-bit QLoRA" if PROFILES[name].fp16 else "bf16 + tf32"
+    reason = f"compute capability {cc[0]}.{cc[1]}, {mem:.1f} GB{' (emulated)' if mem != device_gb else ''}: {precision}"
+    return Detection(props.name, cc, mem, name, reason, device_gb)
+
+
+def resolve_name(name: str, det: Detection) -> str:
+    """A profile name as the user wrote it → a key of PROFILES ("auto" and the "a100" alias resolved)."""
+    if name == "auto":
+        return det.profile
+    if name == "a100":
+        return "a100-40gb" if det.memory_gb < 60 else "a100-80gb"
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile '{name}' (choose auto, a100, {', '.join(PROFILES)})")
+    return name
+
+
+def check_fits(profile: Profile, det: Detection) -> None:
+    """A profile chosen by hand must fit the card present: one line naming its memory and the profile that fits."""
+    if profile.device == "cuda" and det.profile == "cpu":
+        raise ProfileError(f"profile '{profile.name}' needs a CUDA GPU and none is present; "
+                           f"use PROFILE='cpu' or 'auto'")
+    if det.memory_gb and det.memory_gb < LABEL_TOLERANCE * profile.min_memory_gb:
+        raise ProfileError(f"profile '{profile.name}' needs a {profile.min_memory_gb:g} GB card; this card has "
+                           f"{det.memory_gb:.1f} GB: use PROFILE='{det.profile}' (or 'auto')")
 
 
 def get_profile(name: str = "auto") -> tuple[Profile, Detection]:
     det = detect()
-    chosen = det.profile if name == "auto" else name
-    if chosen not in PROFILES:
-        raise ValueError(f"unknown profile '{name}' (choose auto, {', '.join(PROFILES)})")
-    if chosen != "cpu" and det.profile == "cpu":
-        raise RuntimeError(f"profile '{chosen}' needs a CUDA GPU and none is present; use PROFILE='cpu' or 'auto'")
-    return PROFILES[chosen], det
+    profile = PROFILES[resolve_name(name, det)]
+    if name != "auto":   # "auto" is already the profile that fits best (the t4 settings on any small card)
+        check_fits(profile, det)
+    return profile, det
+
+
+def apply_memory_limit(det: Detection) -> None:
+    """Under SIT_EMULATE_GPU_GB, cap this process's CUDA allocator at the emulated card's share of the real one."""
+    if det.emulated:
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(det.memory_gb / det.device_memory_gb, 0)
 
 
 def set_precision(profile: Profile) -> None:
@@ -113,3 +225,44 @@ def torch_dtype(profile: Profile):
     import torch
 
     return getattr(torch, profile.dtype)
+
+
+# ---------------------------------------------------------------- measured costs per stage
+
+def stage_costs(stage: str, results_dir: Optional[Path] = None) -> list[dict]:
+    """Measured cost of one stage, one dict per (device, profile): peak GB from bench/results/memory_*.json and,
+    where a series run was timed, seconds from bench/results/series_*.json. [] when nothing is measured."""
+    root = Path(results_dir) if results_dir else RESULTS_DIR
+    rows: dict[tuple, dict] = {}
+    for path in sorted(root.glob("memory_*.json")):
+        data = json.loads(path.read_text())
+        for prof, entry in data.get("profiles", {}).items():
+            st = entry.get("stages", {}).get(stage)
+            if st and st.get("peak_gb") is not None:
+                rows[(data.get("device"), prof)] = {
+                    "device": data.get("device"), "profile": prof, "card_gb": entry.get("card_gb"),
+                    "peak_gb": st["peak_gb"], "ok": st.get("ok"), "seconds": None, "source": path.name}
+    # series_<device>.json: {"device", "profile", "stages": {"sft": {"seconds": ...}, ...}} from a timed full run
+    for path in sorted(root.glob("series_*.json")):
+        data = json.loads(path.read_text())
+        st = data.get("stages", {}).get(stage)
+        if not st or st.get("seconds") is None:
+            continue
+        key = (data.get("device"), data.get("profile"))
+        row = rows.setdefault(key, {"device": key[0], "profile": key[1], "card_gb": GPU_CARDS_GB.get(key[1]),
+                                    "peak_gb": None, "ok": None, "source": path.name})
+        row["seconds"] = st["seconds"]
+    return list(rows.values())
+
+
+def describe_stage_costs(stage: str, results_dir: Optional[Path] = None) -> str:
+    """The notebooks' "measured cost of this stage" lines (never an estimate)."""
+    rows = stage_costs(stage, results_dir)
+    if not rows:
+        return f"measured cost of {stage}: not measured yet (bench/bench_memory.py writes it)"
+    lines = [f"measured cost of {stage}:"]
+    for r in rows:
+        peak = f"peak {r['peak_gb']:.1f} GB of a {r['card_gb']:g} GB card" if r["peak_gb"] is not None else ""
+        secs = f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else ""
+        lines.append(f"  {r['profile']}: " + ", ".join(x for x in (peak, secs) if x) + f" ({r['device']})")
+    return "\n".join(lines)

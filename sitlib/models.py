@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config, LoraConfig, PromptTuningConfig
+from .errors import ProfileError
 from .hardware import Profile, torch_dtype
 
 EMBEDDED = "embedded"
@@ -95,8 +96,9 @@ def load_tokenizer(name: str):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model(name)))
 
 
-def quantization_config(profile: Profile):
-    if not profile.load_in_4bit:
+def quantization_config(profile: Profile, role: str = "student"):
+    """NF4 + double quant where the profile puts this role (student or teacher) in 4-bit, else None."""
+    if not (profile.teacher_in_4bit if role == "teacher" else profile.load_in_4bit):
         return None
     from transformers import BitsAndBytesConfig
 
@@ -107,13 +109,27 @@ def quantization_config(profile: Profile):
                               bnb_4bit_compute_dtype=compute)
 
 
-def load_model(name: str, profile: Profile, for_training: bool = False):
-    """Causal LM in the profile's dtype on its device; 4-bit NF4 where the profile says so."""
+def attention_implementation(profile: Profile) -> str:
+    """The profile's attention for from_pretrained; sitlib's own kernels ("sit_*") are registered first."""
+    name = profile.attn_implementation
+    if name.startswith("sit_"):
+        try:
+            from .attention import register
+        except ImportError as e:
+            raise ProfileError(f"profile '{profile.name}' asks for attention '{name}', but sitlib.attention "
+                               f"cannot be imported ({e}); use attn_implementation='sdpa'") from None
+        register()
+    return name
+
+
+def load_model(name: str, profile: Profile, for_training: bool = False, role: str = "student"):
+    """Causal LM in the profile's dtype on its device; 4-bit NF4 where the profile says so for this role
+    ("student" or "teacher": an L4 holds the 8B teacher only in 4-bit, the 3B student in bf16)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
-    qc = quantization_config(profile)
-    kwargs = dict(dtype=torch_dtype(profile))
+    qc = quantization_config(profile, role)
+    kwargs = dict(dtype=torch_dtype(profile), attn_implementation=attention_implementation(profile))
     if qc is not None:
         kwargs["quantization_config"] = qc
     if profile.device == "cuda":

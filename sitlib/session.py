@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .config import Config, load_config
-from .hardware import Detection, Profile, get_profile, set_precision
+from .hardware import Detection, Profile, apply_memory_limit, get_profile, set_precision
 from .runtime import OutputTree, in_colab, output_tree, seed_everything
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "papermill")
@@ -34,6 +34,7 @@ def setup(profile: str = "auto", output_dir: Optional[str] = None, config_path: 
     prof, det = get_profile(profile)
     cfg = load_config(config_path, prof.overrides, overrides)
     set_precision(prof)
+    apply_memory_limit(det)   # SIT_EMULATE_GPU_GB: a smaller card emulated on a larger one
     seed_everything(cfg.seed)
     session = Session(cfg, prof, det, output_tree(output_dir))
     if verbose:

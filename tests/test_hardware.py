@@ -1,26 +1,90 @@
-"""Profile choice from compute capability (never from is_bf16_supported) and precision flags."""
+"""Profile choice from compute capability and memory (never from is_bf16_supported), fit checks, emulation,
+measured stage costs and precision flags."""
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sitlib import hardware
+from sitlib.errors import ConfigError, ProfileError
 
 
-def fake_gpu(monkeypatch, major, minor, name="GPU", mem=16 * 2**30):
+def fake_gpu(monkeypatch, major, minor, gib=16.0, name="GPU"):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: SimpleNamespace(major=major, minor=minor, name=name, total_memory=mem))
+                        lambda i: SimpleNamespace(major=major, minor=minor, name=name, total_memory=int(gib * 2**30)))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 reports
 
 
-@pytest.mark.parametrize("cc,profile", [((7, 5), "t4"), ((8, 0), "a100"), ((8, 6), "a100"), ((9, 0), "h100")])
-def test_profile_from_compute_capability(monkeypatch, cc, profile):
-    fake_gpu(monkeypatch, *cc)
+@pytest.mark.parametrize("card,cc,gb,profile", [
+    ("T4", (7, 5), 15, "t4"), ("T4 as reported", (7, 5), 14.7, "t4"),
+    ("L4", (8, 9), 22.5, "l4"),
+    ("A100 40GB", (8, 0), 40, "a100-40gb"), ("A100 40GB as reported", (8, 0), 39.4, "a100-40gb"),
+    ("A100 80GB", (8, 0), 80, "a100-80gb"),
+    ("H100", (9, 0), 80, "h100"), ("H200", (9, 0), 141, "h100"),
+    ("no GPU", None, 0, "cpu"),
+])
+def test_profile_for(card, cc, gb, profile):
+    assert hardware.profile_for(cc, gb) == profile, card
+
+
+def test_every_gpu_profile_is_reachable_and_sized():
+    for name, gb in hardware.GPU_CARDS_GB.items():
+        assert hardware.PROFILES[name].min_memory_gb == gb
+    assert {hardware.profile_for(cc, gb) for cc, gb in [((7, 5), 15), ((8, 9), 22.5), ((8, 0), 40), ((8, 0), 80),
+                                                         ((9, 0), 80)]} == set(hardware.GPU_CARDS_GB)
+
+
+@pytest.mark.parametrize("cc,gib,profile", [((7, 5), 14.7, "t4"), ((8, 9), 22.0, "l4"), ((8, 0), 39.4, "a100-40gb"),
+                                            ((8, 0), 79.2, "a100-80gb"), ((9, 0), 79.1, "h100")])
+def test_auto_picks_by_capability_and_memory(monkeypatch, cc, gib, profile):
+    fake_gpu(monkeypatch, *cc, gib=gib)
     prof, det = hardware.get_profile("auto")
     assert prof.name == profile and det.compute_capability == cc
     assert prof.bf16 == (cc >= (8, 0))
-    assert prof.load_in_4bit == (cc < (8, 0))
+    assert prof.fp16 == (cc < (8, 0))
+
+
+@pytest.mark.parametrize("gib,resolved", [(39.4, "a100-40gb"), (79.2, "a100-80gb")])
+def test_a100_alias_resolves_by_memory(monkeypatch, gib, resolved):
+    fake_gpu(monkeypatch, 8, 0, gib=gib)
+    assert hardware.get_profile("a100")[0].name == resolved
+
+
+def test_hand_chosen_profile_too_big_for_the_card(monkeypatch):
+    fake_gpu(monkeypatch, 8, 0, gib=39.4)
+    with pytest.raises(ProfileError) as e:
+        hardware.get_profile("h100")
+    msg = str(e.value)
+    assert "\n" not in msg and "39.4 GB" in msg and "'a100-40gb'" in msg
+    assert hardware.get_profile("t4")[0].name == "t4"   # a smaller profile on a bigger card is fine
+
+
+def test_emulated_card(monkeypatch):
+    fake_gpu(monkeypatch, 9, 0, gib=139.8, name="NVIDIA H200")
+    monkeypatch.setenv(hardware.EMULATE_ENV, "22.5")
+    prof, det = hardware.get_profile("auto")
+    assert prof.name == "l4" and det.emulated and det.memory_gb == 22.5 and det.device_memory_gb == pytest.approx(139.8)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
+    hardware.apply_memory_limit(det)
+    assert calls == [(pytest.approx(22.5 / 139.8), 0)]
+    monkeypatch.setenv(hardware.EMULATE_ENV, "200")
+    with pytest.raises(ConfigError, match="more than this card"):
+        hardware.detect()
+    monkeypatch.setenv(hardware.EMULATE_ENV, "lots")
+    with pytest.raises(ConfigError, match=hardware.EMULATE_ENV):
+        hardware.detect()
+
+
+def test_no_limit_without_emulation(monkeypatch):
+    fake_gpu(monkeypatch, 9, 0, gib=79.1)
+    monkeypatch.delenv(hardware.EMULATE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *a: pytest.fail("limited"))
+    det = hardware.detect()
+    assert not det.emulated
+    hardware.apply_memory_limit(det)
 
 
 def test_cpu_when_no_gpu(monkeypatch):
@@ -32,10 +96,43 @@ def test_cpu_when_no_gpu(monkeypatch):
 
 def test_gpu_profile_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+    with pytest.raises(ProfileError, match="needs a CUDA GPU"):
         hardware.get_profile("a100")
-    with pytest.raises(ValueError, match="unknown profile 'v100'"):
+    with pytest.raises(ConfigError, match="unknown profile 'v100'"):
         hardware.get_profile("v100")
+
+
+def test_weights_key_changes_exactly_with_dtype_and_4bit():
+    P = hardware.PROFILES
+    assert P["a100-80gb"].weights_key == P["h100"].weights_key == P["a100-40gb"].weights_key == "bfloat16"
+    assert P["t4"].weights_key == "float16-4bit" and P["cpu"].weights_key == "float32"
+    assert P["l4"].weights_key == "bfloat16"   # only its teacher is 4-bit; the student trains in bf16
+    assert P["l4"].teacher_in_4bit and not P["l4"].load_in_4bit
+
+
+def test_every_profile_uses_sdpa_for_now():
+    assert {p.attn_implementation for p in hardware.PROFILES.values()} == {"sdpa"}
+
+
+def test_80gb_cards_do_not_give_up_speed():
+    for name in ("a100-80gb", "h100"):
+        p = hardware.PROFILES[name]
+        assert not p.load_in_4bit and not p.teacher_in_4bit and not p.gradient_checkpointing and p.bf16
+
+
+def test_stage_costs_reads_measured_files_only(tmp_path):
+    assert hardware.stage_costs("sft", tmp_path) == []
+    assert "not measured" in hardware.describe_stage_costs("sft", tmp_path)
+    (tmp_path / "memory_NVIDIA_H200.json").write_text(json.dumps({"device": "NVIDIA H200", "profiles": {
+        "l4": {"card_gb": 22.5, "stages": {"sft": {"peak_gb": 17.25, "ok": True}, "dpo": {"peak_gb": 19.0, "ok": True}}},
+        "t4": {"card_gb": 15, "stages": {"dpo": {"peak_gb": 9.0, "ok": True}}}}}))
+    (tmp_path / "series_NVIDIA_L4.json").write_text(json.dumps(
+        {"device": "NVIDIA L4", "profile": "l4", "stages": {"sft": {"seconds": 600.0}}}))
+    rows = hardware.stage_costs("sft", tmp_path)
+    assert {(r["profile"], r["peak_gb"], r["seconds"]) for r in rows} == {("l4", 17.25, None), ("l4", None, 600.0)}
+    assert hardware.stage_costs("benchmark", tmp_path) == []
+    text = hardware.describe_stage_costs("sft", tmp_path)
+    assert "peak 17.2 GB of a 22.5 GB card" in text and "10.0 min" in text
 
 
 def test_set_precision_follows_profile():
