@@ -1,88 +1,151 @@
-"""Constraint checkers for the benchmark suite: each takes the output text and the check's arguments → bool."""
+"""Checks scored by code: IFEval's instruction checkers (from the maintained `if-verifiable` package) and the
+exact-answer checks of the built-in suite.
+
+IFEval's sentence counter and word tokenizer look up NLTK's punkt model, which NLTK normally downloads at run time.
+Nothing may download here, so sitlib ships a small punkt_tab model of its own (sitlib/data/nltk_data: no trained
+collocations or sentence starters, an abbreviation list written for this project) and puts it first on NLTK's
+search path: sentences then split on . ! ? except after a listed abbreviation, the same on every machine.
+"""
 from __future__ import annotations
 
-import json
+import random
 import re
-from typing import Callable
+from pathlib import Path
+from typing import Optional
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+import nltk
 
+from .errors import BadInputError
 
-def words(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z0-9']+", text)
+NLTK_DATA = Path(__file__).parent / "data" / "nltk_data"
+if str(NLTK_DATA) not in nltk.data.path:
+    nltk.data.path.insert(0, str(NLTK_DATA))
 
+import langdetect  # noqa: E402  (IFEval's language and case checkers use it)
+from if_verifiable.common import evaluate_instructions  # noqa: E402
+from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT  # noqa: E402
 
-def sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if re.search(r"\w", s)]
+langdetect.DetectorFactory.seed = 0   # langdetect is random unless seeded: the same text must score the same
 
-
-def paragraphs(text: str) -> list[str]:
-    return [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
-
-
-def bullets(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if re.match(r"^\s*[-*•]\s+\S", ln)]
-
-
-def numbered(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if re.match(r"^\s*\d+[.)]\s+\S", ln)]
-
-
-def json_object(text: str):
-    """The output parsed as a JSON object (a ```json fence around it is allowed), or None."""
-    t = text.strip()
-    fence = re.match(r"^```(?:json)?\s*(.*?)\s*```$", t, re.S)
-    if fence:
-        t = fence.group(1)
-    try:
-        obj = json.loads(t)
-    except json.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
+# Instruction ids whose description builds from random kwargs alone ("combination:repeat_prompt" needs the prompt
+# to repeat, so it is usable only with explicit kwargs).
+IFEVAL_TYPES: list[str] = sorted(k for k in INSTRUCTION_DICT if k != "combination:repeat_prompt")
+ANSWER_TYPES = ("answer_number", "answer_text")
+NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
 
 
-def last_number(text: str):
-    found = NUMBER.findall(text)
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
+def _checker(instruction_id: str):
+    if instruction_id not in INSTRUCTION_DICT:
+        raise BadInputError(f"unknown IFEval instruction id {instruction_id!r} (known: {', '.join(sorted(INSTRUCTION_DICT))})")
+    return INSTRUCTION_DICT[instruction_id](instruction_id)
 
 
-def _has_word(text: str, word: str) -> bool:
-    return re.search(rf"\b{re.escape(word)}\b", text, re.I) is not None
+def ifeval_instruction(instruction_id: str, kwargs: Optional[dict] = None,
+                       rng: Optional[random.Random] = None) -> tuple[str, dict]:
+    """The instruction's text (IFEval's own wording) and the kwargs it used. Without kwargs IFEval draws them from
+    Python's global `random`; it is seeded from `rng` for the call and restored after, so a seeded rng gives the
+    same instruction every time and the caller's global random state is untouched."""
+    checker = _checker(instruction_id)
+    if kwargs is not None:
+        try:
+            text = checker.build_description(**{k: v for k, v in kwargs.items() if v is not None})
+        except (TypeError, ValueError) as e:
+            raise BadInputError(f"IFEval {instruction_id}: bad kwargs {kwargs!r} ({e})") from e
+    else:
+        state = random.getstate()
+        random.seed((rng or random.Random()).getrandbits(64))
+        try:
+            text = checker.build_description()
+        finally:
+            random.setstate(state)
+    return text, dict(checker.get_instruction_args() or {})
 
 
-CHECKS: dict[str, Callable[..., bool]] = {
-    "max_words": lambda t, n: len(words(t)) <= n,
-    "min_words": lambda t, n: len(words(t)) >= n,
-    "max_sentences": lambda t, n: 1 <= len(sentences(t)) <= n,
-    "exact_sentences": lambda t, n: len(sentences(t)) == n,
-    "include_words": lambda t, words: all(_has_word(t, w) for w in words),
-    "exclude_words": lambda t, words: bool(t.strip()) and not any(_has_word(t, w) for w in words),
-    "exclude_chars": lambda t, chars: bool(t.strip()) and not any(c in t for c in chars),
-    "word_frequency": lambda t, word, min: len(re.findall(rf"\b{re.escape(word)}\b", t, re.I)) >= min,
-    "all_lowercase": lambda t: bool(re.search(r"[a-z]", t)) and t == t.lower(),
-    "all_uppercase": lambda t: bool(re.search(r"[A-Z]", t)) and t == t.upper(),
-    "json_object": lambda t: json_object(t) is not None,
-    "json_keys": lambda t, keys: (o := json_object(t)) is not None and all(k in o for k in keys),
-    "exact_bullets": lambda t, n: len(bullets(t)) == n,
-    "min_numbered": lambda t, n: len(numbered(t)) >= n,
-    "exact_paragraphs": lambda t, n: len(paragraphs(t)) == n,
-    "no_commas": lambda t: bool(t.strip()) and "," not in t,
-    "quoted": lambda t: len(t.strip()) > 2 and t.strip()[0] in "\"“" and t.strip()[-1] in "\"”",
-    "title_brackets": lambda t: re.search(r"<<[^<>\n]+>>", t) is not None,
-    "starts_with": lambda t, text: t.strip().lower().startswith(text.lower()),
-    "ends_with": lambda t, text: t.strip().lower().endswith(text.lower()),
-    "final_number": lambda t, value: (x := last_number(t)) is not None and abs(x - value) < 1e-6,
-    "contains_answer": lambda t, text: _has_word(t, text),
-}
+def ifeval_check(instruction_id: str, kwargs: Optional[dict], response: str, prompt: str = "") -> bool:
+    """IFEval's strict check of one instruction (an empty or blank response never passes)."""
+    _checker(instruction_id)
+    results, _ = evaluate_instructions(response=response, instruction_id_list=[instruction_id],
+                                       kwargs_list=[kwargs or {}], prompt=prompt,
+                                       instruction_registry=INSTRUCTION_DICT)
+    return bool(results) and results[0].strict_pass
 
 
-def run_check(check: dict, text: str) -> bool:
-    args = {k: v for k, v in check.items() if k != "type"}
-    if check["type"] not in CHECKS:
-        raise ValueError(f"unknown check type {check['type']!r} (known: {', '.join(sorted(CHECKS))})")
-    return bool(CHECKS[check["type"]](text, **args))
+# ---------------------------------------------------------------- exact-answer checks
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _sentences(text: str) -> list[str]:
+    return [x for x in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if re.search(r"\w", x)]
+
+
+def _copy_of(sentence: str) -> Optional[re.Pattern]:
+    ws = re.findall(r"\w+", sentence)
+    return re.compile(r"(?<!\w)" + r"\W+".join(map(re.escape, ws)) + r"(?!\w)\W*", re.I) if ws else None
+
+
+def without_echo(response: str, prompt: str) -> str:
+    """The response as an answer: when it repeats the prompt's question, every sentence copied from the prompt is
+    taken out (case and punctuation aside), since the prompt may hold the answer itself ("What is 81 divided by 9?"
+    → 9; "The capital of Veloria is Amberton. What is the capital of Veloria?"). A response that does not repeat
+    the question is kept whole, so "The capital of Veloria is Amberton." stays a correct answer."""
+    sents = sorted(_sentences(prompt), key=len, reverse=True)
+    questions = [p for p in map(_copy_of, (x for x in sents if x.endswith("?"))) if p]
+    if not any(q.search(response) for q in questions):
+        return response
+    for pat in filter(None, map(_copy_of, sents)):
+        response = pat.sub(" ", response)
+    return response
+
+
+def numbers(text: str) -> list[float]:
+    """Numbers in the text; a date (2023-03-01) or a range (10-20) is not read as negative numbers."""
+    text = re.sub(r"\b\d{4}-\d{2}-\d{2}\b", " ", text)             # ISO dates are not numbers here
+    text = re.sub(r"(?<=\d)\s*[-–]\s*(?=\d)", " to ", text)          # 10-20 is a range, not 10 and -20
+    out = []
+    for m in NUMBER.findall(text):
+        try:
+            out.append(float(m.replace(",", "")))
+        except ValueError:
+            continue
+    return out
+
+
+def last_number(text: str) -> Optional[float]:
+    found = numbers(text)
+    return found[-1] if found else None
+
+
+def answer_number(response: str, value: float, prompt: str = "") -> bool:
+    """The last number of the response, copies of the prompt left out, is the answer (the suite's prompts ask for
+    it last)."""
+    x = last_number(without_echo(response, prompt))
+    return x is not None and abs(x - value) < 1e-6
+
+
+def _has(text: str, phrase: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", text, re.I) is not None
+
+
+def answer_text(response: str, text: str, choices: Optional[list[str]] = None, prompt: str = "") -> bool:
+    """The answer is named as a whole word or phrase outside any copy of the prompt, and no other listed choice is
+    named there."""
+    response = without_echo(response, prompt)
+    if not _has(response, text):
+        return False
+    return not any(_has(response, c) for c in (choices or []) if c.lower() != text.lower())
+
+
+def run_check(check: dict, response: str, prompt: str = "") -> bool:
+    """One check of a suite item: {"type": <IFEval instruction id>, "kwargs": {...}} or
+    {"type": "answer_number", "value": x} / {"type": "answer_text", "text": s, "choices": [...]}."""
+    kind = check.get("type")
+    if kind == "answer_number":
+        return answer_number(response, float(check["value"]), prompt)
+    if kind == "answer_text":
+        return answer_text(response, check["text"], check.get("choices"), prompt)
+    if kind in INSTRUCTION_DICT:
+        return ifeval_check(kind, check.get("kwargs"), response, prompt)
+    raise BadInputError(f"unknown check type {kind!r} (an IFEval instruction id or one of {', '.join(ANSWER_TYPES)})")
