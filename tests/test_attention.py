@@ -1,0 +1,107 @@
+"""sit_varlen: packed rows never attend across row boundaries, and padding-free SFT matches the padded path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sitlib import attention
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    attention.register()
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sit_varlen").eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    return varlen, sdpa
+
+
+def _rows():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 300, (n,), generator=g) for n in (7, 11, 5)]
+
+
+def _packed(rows):
+    ids = torch.cat(rows).unsqueeze(0)
+    pos = torch.cat([torch.arange(len(r)) for r in rows]).unsqueeze(0)
+    cu = torch.tensor([0] + [len(r) for r in rows]).cumsum(0).to(torch.int32)
+    m = max(len(r) for r in rows)
+    return ids, pos, dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("with_cu", [True, False], ids=["collator-kwargs", "positions-only"])
+def test_packed_row_equals_row_alone(models, with_cu):
+    varlen, _ = models
+    rows = _rows()
+    ids, pos, kw = _packed(rows)
+    packed = varlen(input_ids=ids, position_ids=pos, **(kw if with_cu else {})).logits[0]
+    start = 0
+    for r in rows:
+        alone = varlen(input_ids=r.unsqueeze(0)).logits[0]
+        torch.testing.assert_close(packed[start:start + len(r)], alone, rtol=1e-4, atol=1e-4)
+        start += len(r)
+
+
+@torch.no_grad()
+def test_cross_row_attention_would_be_visible(models):
+    """The check above can fail: one causal attention over the whole packed row changes row B's output."""
+    _, sdpa = models
+    rows = _rows()
+    ids, _, _ = _packed(rows)
+    leaky = sdpa(input_ids=ids).logits[0, len(rows[0]):len(rows[0]) + len(rows[1])]
+    alone = sdpa(input_ids=rows[1].unsqueeze(0)).logits[0]
+    assert (leaky - alone).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_padded_batch_matches_sdpa(models):
+    """Padded batches (generation, evaluation) keep SDPA's masked path."""
+    varlen, sdpa = models
+    rows = _rows()
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    a = varlen(input_ids=ids, attention_mask=mask).logits
+    b = sdpa(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()])
+
+
+def _sft_losses(model_dir, tmp_path, attn: str, padding_free: bool) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = "<|endoftext|>"
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(3, 300, (int(n),), generator=g).tolist()}
+            for n in torch.randint(8, 40, (8,), generator=g)]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn)
+    conf = SFTConfig(output_dir=str(tmp_path / f"{attn}-{padding_free}"), per_device_train_batch_size=4,
+                     max_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+                     bf16=False, gradient_checkpointing=False, padding_free=padding_free,
+                     max_length=None if padding_free else 64,
+                     dataloader_num_workers=0, seed=0, use_cpu=True)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    tr = SFTTrainer(model=model, args=conf, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                    peft_config=lora)
+    tr.train()
+    return [h["loss"] for h in tr.state.log_history if "loss" in h]
+
+
+def test_padding_free_sft_step_matches_padded(tiny_model_dir, tmp_path, monkeypatch):
+    attention.register()
+    padded = _sft_losses(tiny_model_dir, tmp_path, "sdpa", padding_free=False)
+    calls = []   # the packed path really ran (not a silent fall-back to one causal attention)
+    real = attention._per_row_sdpa
+    monkeypatch.setattr(attention, "_per_row_sdpa", lambda *a: calls.append(a[3].numel() - 1) or real(*a))
+    packed = _sft_losses(tiny_model_dir, tmp_path, "sit_varlen", padding_free=True)
+    assert calls and all(n == 4 for n in calls)   # 4 rows per packed batch
+    assert len(padded) == len(packed) == 2
+    assert packed == pytest.approx(padded, rel=1e-4)
