@@ -71,7 +71,14 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    return str(embedded_model_dir()) if name == EMBEDDED else name
+    """A path or hub id from_pretrained can load; a hub id is first checked for access (gated, offline), so a
+    missing login fails with one line naming the model instead of a 401 traceback halfway through a stage."""
+    if name == EMBEDDED:
+        return str(embedded_model_dir())
+    from .hub import check_access
+
+    check_access([name])
+    return name
 
 
 def prepare_tokenizer(tok):

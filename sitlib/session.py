@@ -9,6 +9,7 @@ from typing import Optional
 
 from .config import Config, load_config
 from .hardware import Detection, Profile, apply_memory_limit, get_profile, set_precision
+from .hub import login_status
 from .runtime import OutputTree, in_colab, output_tree, seed_everything
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "papermill")
@@ -26,11 +27,13 @@ class Session:
         return (f"profile: {self.profile.name} ({'chosen by hand' if d.profile != self.profile.name else d.reason})\n"
                 f"device: {d.device_name}" + (f", {d.memory_gb:.1f} GiB" if d.memory_gb else "") + "\n"
                 f"student: {self.config.models.student} · teacher: {self.config.models.teacher}\n"
+                f"{login_status()}\n"
                 f"outputs: {self.paths.root}")
 
 
 def setup(profile: str = "auto", output_dir: Optional[str] = None, config_path: Optional[str] = None,
-          overrides: Optional[dict] = None, verbose: bool = True) -> Session:
+          overrides: Optional[dict] = None, verbose: bool = True, models: tuple = ()) -> Session:
+    """models: the roles ("student", "teacher", "reward") whose hub models this stage loads, checked up front."""
     prof, det = get_profile(profile)
     cfg = load_config(config_path, prof.overrides, overrides)
     set_precision(prof)
@@ -39,6 +42,10 @@ def setup(profile: str = "auto", output_dir: Optional[str] = None, config_path: 
     session = Session(cfg, prof, det, output_tree(output_dir))
     if verbose:
         print(session.describe())
+    if models:
+        from .hub import require_models
+
+        require_models(session, models)
     return session
 
 
@@ -59,6 +66,9 @@ def check_student(session: Session, prompt: str = "Give me one tip for writing c
     from .generation import Sampling, chat_input_ids, generate_batch
     from .models import timed_load
 
+    from .hub import require_models
+
+    require_models(session)   # 01 checks every configured hub model up front, not only the student
     name = session.config.models.student
     tok, model, load_s = timed_load(name, session.profile)
     t = time.perf_counter()
