@@ -1,37 +1,45 @@
-"""Stages 05/05b/06: LoRA/QLoRA SFT, prompt tuning and DPO on TRL + PEFT — resumable, measured, saved."""
+"""Building blocks of notebooks 05 / 05b / 06: data for TRL, trainer arguments, resume, train, answers, save.
+
+The notebooks hold the stage's story (data shown, `LoraConfig` / `SFTConfig` / `DPOConfig` built in cells,
+before/after answers, chat); these are the reusable steps they call, each small enough to read in one go.
+"""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import html
 import json
 import resource
-import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .artifacts import MissingInputError, read_json, read_jsonl, write_json, write_metrics
+from .artifacts import read_json, read_jsonl, write_json, write_metrics
+from .errors import BadInputError, HubAccessError, OutOfMemoryError
 from .figures import training_curves
 from .generation import Sampling, chat_input_ids, generate
 
+try:   # checkpoint housekeeping shared with the other stages (moves a profile's checkpoints aside on a switch)
+    from .checkpoints import prepare_checkpoints as _shared_prepare_checkpoints
+except ImportError:   # pragma: no cover - until sitlib.checkpoints exists
+    _shared_prepare_checkpoints = None
+
 SFT_FILES = ("sft_train.jsonl", "sft_val.jsonl")
 DPO_FILES = ("dpo_train.jsonl", "dpo_val.jsonl")
+SFT_PRODUCER, DPO_PRODUCER = "03_quality_filtering", "04_preference_generation"
 
 
-# ---------------------------------------------------------------- data and arguments
+# ---------------------------------------------------------------- data
 
-def load_split(session, folder: Path, files: tuple[str, str], columns: tuple[str, ...], notebook: str):
-    from datasets import Dataset
-
-    out = []
-    for name in files:
-        rows = read_jsonl(folder / name, produced_by=notebook)
-        if not rows:
-            raise ValueError(f"{folder / name} is empty: rerun {notebook} with more rows")
-        out.append(Dataset.from_list([{c: r[c] for c in columns} for r in rows]))
-    return out[0], out[1]
+def _rows(folder: Path, name: str, producer: str) -> list[dict]:
+    rows = read_jsonl(folder / name, produced_by=producer)
+    if not rows:
+        raise BadInputError(f"{folder / name} is empty: rerun {producer} with more rows")
+    return rows
 
 
 def tokenize_sft(tok, row: dict, max_length: int) -> dict:
@@ -44,7 +52,8 @@ def tokenize_sft(tok, row: dict, max_length: int) -> dict:
     prompt = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
     if not full.startswith(prompt):
-        raise ValueError("the chat template renders the prompt differently inside the full conversation")
+        raise BadInputError("the chat template renders the prompt differently inside the full conversation "
+                            f"(row id {row.get('id')!r}): it cannot mark where the answer starts")
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     c_ids = tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
     if tok.eos_token_id in c_ids:
@@ -55,18 +64,82 @@ def tokenize_sft(tok, row: dict, max_length: int) -> dict:
     return {"input_ids": ids, "completion_mask": ([0] * len(p_ids) + [1] * len(c_ids))[:max_length]}
 
 
+def sft_rows(session) -> tuple[list[dict], list[dict]]:
+    """The (train, val) prompt/completion rows 03 wrote."""
+    folder = session.paths.data_filtered
+    return _rows(folder, SFT_FILES[0], SFT_PRODUCER), _rows(folder, SFT_FILES[1], SFT_PRODUCER)
+
+
 def tokenized_sft_split(session, tok):
+    """(train, val, val_prompts): token ids + completion masks as `datasets.Dataset`, and the val instructions."""
     from datasets import Dataset
 
-    p, n = session.paths, session.config.models.max_seq_length
-    out = []
-    for name in SFT_FILES:
-        rows = read_jsonl(p.data_filtered / name, produced_by="03_quality_filtering")
-        if not rows:
-            raise ValueError(f"{p.data_filtered / name} is empty: rerun 03_quality_filtering with more rows")
-        out.append(Dataset.from_list([tokenize_sft(tok, r, n) for r in rows]))
-    return out[0], out[1], [r["prompt"][-1]["content"] for r in rows]
+    n = session.config.models.max_seq_length
+    train, val = sft_rows(session)
+    return (Dataset.from_list([tokenize_sft(tok, r, n) for r in train]),
+            Dataset.from_list([tokenize_sft(tok, r, n) for r in val]),
+            [r["prompt"][-1]["content"] for r in val])
 
+
+def preference_split(session):
+    """(train, val) `datasets.Dataset` of prompt/chosen/rejected conversations, as 04 wrote them."""
+    from datasets import Dataset
+
+    folder, cols = session.paths.data_preference, ("prompt", "chosen", "rejected")
+    out = []
+    for name in DPO_FILES:
+        rows = _rows(folder, name, DPO_PRODUCER)
+        for n, r in enumerate(rows, 1):
+            if missing := [c for c in cols if c not in r]:
+                raise BadInputError(f"{folder / name}, line {n}: missing {', '.join(missing)} "
+                                    "(expected prompt/chosen/rejected message lists)")
+        out.append(Dataset.from_list([{c: r[c] for c in cols} for r in rows]))
+    return out[0], out[1]
+
+
+@dataclass
+class LabelMask:
+    """One tokenized row as (token text, trained?) pieces; prints with trained tokens in ⟦…⟧, HTML highlighted."""
+    pieces: list[tuple[str, bool]]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(t for _, t in self.pieces)
+
+    def __str__(self) -> str:
+        out, inside = [], False
+        for text, trained in self.pieces:
+            if trained != inside:
+                out.append("⟦" if trained else "⟧")
+                inside = trained
+            out.append(text)
+        return "".join(out) + ("⟧" if inside else "")
+
+    def __repr__(self) -> str:
+        return (f"{len(self.pieces)} tokens, {self.trained_tokens} trained (inside ⟦ ⟧):\n" + str(self))
+
+    def _repr_html_(self) -> str:
+        spans = "".join(f'<span style="background:#c6efce">{html.escape(t)}</span>' if m else html.escape(t)
+                        for t, m in self.pieces)
+        return (f"<p>{len(self.pieces)} tokens; <span style='background:#c6efce'>green</span> = in the loss "
+                f"({self.trained_tokens})</p><pre style='white-space:pre-wrap'>{spans}</pre>")
+
+
+def show_label_mask(tok, row: dict, max_length: int = 4096) -> LabelMask:
+    """The row as the model sees it (chat template applied), with the tokens the loss trains on marked."""
+    ex = tokenize_sft(tok, row, max_length)
+    return LabelMask([(tok.decode([i]), bool(m)) for i, m in zip(ex["input_ids"], ex["completion_mask"])])
+
+
+def show_preference_pair(tok, row: dict) -> dict:
+    """One preference pair: the prompt exactly as the chat template renders it, then both answers."""
+    prompt = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    shown = {"prompt as the model sees it": prompt, "chosen": row["chosen"][-1]["content"],
+             "rejected": row["rejected"][-1]["content"]}
+    return shown | {k: row[k] for k in ("chosen_score", "rejected_score", "margin") if k in row}
+
+
+# ---------------------------------------------------------------- trainer arguments
 
 def common_args(section, session, out_dir: Path, padding_free: bool) -> dict:
     """TrainingArguments shared by the three trainers, from the stage's config section and the profile."""
@@ -83,35 +156,144 @@ def common_args(section, session, out_dir: Path, padding_free: bool) -> dict:
         # TRL turns checkpointing on by default; on 2 CPU cores it made SmolLM2 SFT 60% slower
         gradient_checkpointing=prof.gradient_checkpointing, padding_free=padding_free,
         # padding-free does not enforce max_length in TRL (it refuses one); tokenize_sft already truncated the rows
-        max_length=None if padding_free else session.config.models.max_seq_length, report_to="none", seed=session.config.seed,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, save_only_model=False,
+        max_length=None if padding_free else session.config.models.max_seq_length, report_to="none",
+        seed=session.config.seed, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        save_only_model=False,
     )
 
+
+def sft_args(session, section: str, ckpt_dir: Path):
+    """`trl.SFTConfig` for "sft" (LoRA/QLoRA) or "prompt_tuning", from the resolved settings."""
+    from trl import SFTConfig
+
+    sec = getattr(session.config, section)
+    if section == "sft":
+        extra = dict(optim=sec.optimizer, weight_decay=sec.weight_decay)
+        padding_free = session.profile.padding_free
+    elif section == "prompt_tuning":
+        # virtual tokens must prefix every row: padding-free packs rows into one sequence, so it stays off
+        extra, padding_free = dict(train_sampling_strategy="group_by_length"), False
+    else:
+        raise ValueError(f"sft_args: section must be 'sft' or 'prompt_tuning', got {section!r}")
+    return SFTConfig(**common_args(sec, session, ckpt_dir, padding_free), completion_only_loss=True, **extra)
+
+
+def dpo_args(session, ckpt_dir: Path):
+    """`trl.DPOConfig` from the resolved `dpo` settings (β, loss type, lr, steps) and the profile."""
+    from trl import DPOConfig
+
+    d = session.config.dpo
+    return DPOConfig(**common_args(d, session, ckpt_dir, padding_free=False), beta=d.beta, loss_type=[d.loss_type])
+
+
+def args_table(args):
+    """The arguments that differ from the class's defaults, as a table (what this run actually chose)."""
+    import pandas as pd
+
+    rows = []
+    for f in dataclasses.fields(args):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        value = getattr(args, f.name)
+        if value != default and f.name not in ("logging_dir",):
+            rows.append({"argument": f.name, "value": str(value), "default": str(default)})
+    return pd.DataFrame(rows).set_index("argument")
+
+
+# ---------------------------------------------------------------- fingerprints and checkpoints
 
 def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_checkpoints(ckpt_dir: Path, fp: str) -> Optional[str]:
-    """The newest checkpoint of a run with the same config and data, or None (stale ones are removed)."""
+def _jsonable(obj):
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    return json.loads(json.dumps(obj, default=str))
+
+
+def sft_fingerprint(session, stage: str, train, val, peft_cfg) -> str:
+    """What defines an SFT / prompt-tuning result: settings, PEFT config, model, data. Not the profile's name:
+    a profile switch is handled by the checkpoints' weights key (moved aside, not deleted)."""
+    cfg = session.config
+    return fingerprint(stage, asdict(getattr(cfg, stage)), _jsonable(peft_cfg), cfg.models.student,
+                       cfg.models.max_seq_length, train.to_list(), val.to_list())
+
+
+def adapter_digest(adapter_dir: Path) -> str:
+    """Content hash of a saved adapter (weights + config): a retrained SFT adapter changes it, a copy or a
+    touched file does not."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(adapter_dir).iterdir()
+                   if p.name.startswith("adapter_") and p.suffix in (".safetensors", ".bin", ".json"))
+    if not files:
+        raise FileNotFoundError(f"no adapter files in {adapter_dir}")
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def sft_adapter(session) -> Path:
+    """models/sft/final, which 06 trains on; a missing one names the notebook to run."""
+    from .errors import MissingInputError
+
+    final = session.paths.models_sft / "final"
+    if not (final / "adapter_config.json").exists():
+        raise MissingInputError(f"missing SFT adapter {final} (run 05_sft_training first)")
+    return final
+
+
+def dpo_fingerprint(session, train, val, sft_final: Path) -> str:
+    cfg = session.config
+    return fingerprint("dpo", asdict(cfg.dpo), cfg.models.student, cfg.models.max_seq_length,
+                       train.to_list(), val.to_list(), adapter_digest(sft_final))
+
+
+def _local_prepare_checkpoints(ckpt_dir: Path, fp: str, weights_key: Optional[str] = None) -> Optional[str]:
     from transformers.trainer_utils import get_last_checkpoint
 
     marker = ckpt_dir / "fingerprint.json"
-    if ckpt_dir.exists() and (not marker.exists() or json.loads(marker.read_text())["fingerprint"] != fp):
+    if ckpt_dir.exists() and (not marker.exists() or read_json(marker).get("fingerprint") != fp):
+        import shutil
+
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"fingerprint": fp})
+    write_json(marker, {"fingerprint": fp, "weights_key": weights_key})
     last = get_last_checkpoint(str(ckpt_dir))
     if last:
         print(f"resuming from {Path(last).name}")
     return last
 
 
+def prepare_checkpoints(ckpt_dir: Path, fp: str, weights_key: Optional[str] = None) -> Optional[str]:
+    """The newest checkpoint of a run with the same fingerprint (printed: "resuming from checkpoint-N"), or None."""
+    if _shared_prepare_checkpoints is not None:
+        return _shared_prepare_checkpoints(Path(ckpt_dir), fp, weights_key)
+    return _local_prepare_checkpoints(Path(ckpt_dir), fp, weights_key)
+
+
+def weights_key(session) -> str:
+    """What makes saved optimizer/weight states incompatible across profiles (dtype, 4-bit, ...)."""
+    return getattr(session.profile, "weights_key", session.profile.name)
+
+
+# ---------------------------------------------------------------- train
+
+def memory_report(profile) -> str:
+    if profile.device == "cuda":
+        return (f"GPU memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, "
+                f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    # ru_maxrss is KiB on Linux: the whole process's peak, model load included
+    return f"process peak memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
 def peak_memory_gb(profile) -> dict:
     if profile.device == "cuda":
         return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
                 "peak_memory_kind": "cuda_max_allocated"}
-    # ru_maxrss is KiB on Linux: the whole process's peak, model load included
     return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
             "peak_memory_kind": "process_max_rss"}
 
@@ -124,6 +306,17 @@ def oom_hint(session, section_name: str) -> str:
             f"{session.config.models.max_seq_length})")
 
 
+@contextlib.contextmanager
+def oom_guard(session, section_name: str):
+    """Turn CUDA OOM into one line naming the values to lower (the run's final files are not written)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        if session.profile.device == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemoryError(oom_hint(session, section_name)) from None
+
+
 def fp32_adapters_without_bf16(trainer, profile) -> None:
     """TRL casts trainable weights of a 4-bit model to bf16; fp16 AMP (a T4 has no bf16) cannot unscale bf16
     gradients, so there the adapter goes back to fp32 before the optimizer is built (at train())."""
@@ -133,8 +326,44 @@ def fp32_adapters_without_bf16(trainer, profile) -> None:
                 p.data = p.data.float()
 
 
-def run_trainer(trainer, resume: Optional[str], session, section_name: str) -> tuple[object, float, int]:
-    """Train (resuming), returning (TrainOutput, seconds, non-padding tokens processed in this run)."""
+def sft_trainer(model, args, train, val, tok, peft_config, callbacks: Optional[list] = None):
+    """The SFTTrainer exactly as notebooks 05 / 05b build it: one PEFT wrap, done by the trainer from
+    `peft_config` (no get_peft_model beforehand)."""
+    from trl import SFTTrainer
+
+    return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok,
+                      peft_config=peft_config, callbacks=callbacks)
+
+
+def dpo_policy(session, sft_final: Path):
+    """The student with the SFT adapter loaded trainable: the policy DPO starts from."""
+    from peft import PeftModel
+
+    from .models import load_model
+
+    base = load_model(session.config.models.student, session.profile, for_training=True)
+    return PeftModel.from_pretrained(base, str(sft_final), is_trainable=True)
+
+
+def dpo_trainer(policy, args, train, val, tok, callbacks: Optional[list] = None):
+    """The DPOTrainer exactly as notebook 06 builds it. No ref_model: TRL copies the policy's SFT adapter into a
+    frozen "ref" adapter on the same base weights, so the reference is the SFT model and the base is loaded once."""
+    from trl import DPOTrainer
+
+    return DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=train, eval_dataset=val,
+                      processing_class=tok, callbacks=callbacks)
+
+
+@dataclass
+class TrainResult:
+    training_loss: Optional[float]
+    seconds: float
+    tokens: int                          # non-padding tokens processed in this run (not before a resume)
+    reused: Optional[dict] = None        # metrics of an earlier finished run with the same fingerprint
+
+
+def run_trainer(trainer, resume: Optional[str], session, section_name: str) -> TrainResult:
+    """trainer.train(), resuming from `resume`; timed, tokens counted, CUDA OOM → OutOfMemoryError."""
     fp32_adapters_without_bf16(trainer, session.profile)
     tokens_before = 0
     if resume:
@@ -142,12 +371,37 @@ def run_trainer(trainer, resume: Optional[str], session, section_name: str) -> t
     if session.profile.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    try:
+    with oom_guard(session, section_name):
         out = trainer.train(resume_from_checkpoint=resume)
-    except torch.cuda.OutOfMemoryError:
-        raise RuntimeError(oom_hint(session, section_name)) from None
-    return out, time.perf_counter() - t, int(trainer.state.num_input_tokens_seen) - int(tokens_before)
+    return TrainResult(out.training_loss, time.perf_counter() - t,
+                       int(trainer.state.num_input_tokens_seen) - int(tokens_before))
 
+
+def reuse_finished(trainer, final_dir: Path, fp: str) -> Optional[TrainResult]:
+    """When final_dir holds a finished run with this fingerprint, load its adapter into the trainer's model and
+    return its result (rerunning a finished notebook does not train again); else None."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    f = Path(final_dir) / "training_config.json"
+    if not f.exists() or read_json(f).get("fingerprint") != fp:
+        return None
+    set_peft_model_state_dict(trainer.model, load_peft_weights(str(final_dir)), adapter_name="default")
+    print(f"already trained with this config and data: {final_dir} (delete it to train again)")
+    metrics = read_json(f)["results"]
+    trainer.state.log_history = read_json(Path(final_dir) / "log_history.json")
+    return TrainResult(metrics.get("train_loss"), metrics.get("runtime_seconds", 0.0),
+                       metrics.get("tokens_this_run", 0), reused=metrics)
+
+
+def evaluate(trainer, session, section_name: str) -> dict:
+    """Eval loss (and DPO's reward accuracy / margin) on the held-out split, rounded."""
+    with oom_guard(session, section_name):
+        m = trainer.evaluate()
+    return {k: round(float(v), 5) for k, v in m.items() if isinstance(v, (int, float))}
+
+
+# ---------------------------------------------------------------- answers
 
 def sample_tokens(cfg) -> int:
     """Room for a whole answer: the response budget the training data was generated with, plus a margin."""
@@ -155,154 +409,117 @@ def sample_tokens(cfg) -> int:
 
 
 def sample_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """Greedy answers to single-turn prompts through the chat template (batched, KV cache)."""
+    was_training = model.training
     model.eval()
     outs = generate(model, tok, chat_input_ids(tok, [[{"role": "user", "content": p}] for p in prompts]),
                     Sampling.greedy(max_new_tokens), batch_size=len(prompts) or 1)
+    model.train(was_training)
     return [{"prompt": p, "answer": o.text, "stopped_on_eos": o.ended, "new_tokens": o.n_tokens}
             for p, o in zip(prompts, outs)]
 
 
-def finish(session, stage: str, trainer, tok, train_out, seconds: float, tokens: int, fp: str,
-           final_dir: Path, data_sizes: dict, peft_cfg, extra: dict, curve_extra: Optional[str] = None) -> dict:
-    """Save adapter + tokenizer + training_config.json, write <stage>_metrics.json and the curves figure."""
+def side_by_side(**answers: list[dict]):
+    """One row per prompt, one column per named answer list, e.g. side_by_side(before=..., after=...)."""
+    import pandas as pd
+
+    names = list(answers)
+    rows = [{"prompt": group[0]["prompt"], **{n: a["answer"] for n, a in zip(names, group)}}
+            for group in zip(*answers.values())]
+    return pd.DataFrame(rows).style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
+
+
+def chat(model, tok, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0) -> str:
+    """One chat turn, printed as it is generated; temperature 0 = greedy."""
+    from transformers import TextStreamer
+
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor(chat_input_ids(tok, [[{"role": "user", "content": prompt}]]),
+                       device=next(model.parameters()).device)
+    kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True), **kw)
+    model.train(was_training)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------- save
+
+def finish_training(session, stage: str, trainer, tok, result: TrainResult, eval_metrics: dict, fp: str,
+                    final_dir: Path, data_sizes: dict, peft_cfg, extra: dict,
+                    curve_extra: Optional[str] = None) -> dict:
+    """Save adapter + tokenizer + training_config.json + log history, write <stage>_metrics.json and the curves.
+
+    A reused finished run (same fingerprint) is returned as it was, nothing rewritten."""
     from .models import count_parameters
 
-    eval_metrics = trainer.evaluate()
+    if result.reused is not None:
+        return result.reused
     for key, name in (("eval_rewards/accuracies", "eval_reward_accuracy"), ("eval_rewards/margins", "eval_reward_margin")):
         if key in eval_metrics:   # DPO only
-            extra[name] = round(float(eval_metrics[key]), 5)
-    hours = seconds / 3600
+            extra = {**extra, name: eval_metrics[key]}
     rate = session.config.cost.units_per_hour.get(session.profile.name)
     metrics = {
         "stage": stage, **count_parameters(trainer.model),
-        "train_loss": round(train_out.training_loss, 5), "eval_loss": round(eval_metrics["eval_loss"], 5),
+        "train_loss": round(result.training_loss, 5), "eval_loss": eval_metrics["eval_loss"],
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
-        "runtime_seconds": round(seconds, 2), "tokens_this_run": tokens,
-        "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
+        "runtime_seconds": round(result.seconds, 2), "tokens_this_run": result.tokens,
+        "tokens_per_second": round(result.tokens / result.seconds, 2) if result.seconds > 0 else None,
         **peak_memory_gb(session.profile), "device": session.detection.device_name,
         "profile": session.profile.name, "compute_units_per_hour": rate,
-        "compute_units": None if rate is None else round(hours * rate, 4),
+        "compute_units": None if rate is None else round(result.seconds / 3600 * rate, 4),
         **data_sizes, **extra, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     # only the trained adapter: DPO's frozen "ref" copy is not part of the result
     trainer.model.save_pretrained(str(final_dir), selected_adapters=["default"])
     tok.save_pretrained(str(final_dir))
-    write_json(final_dir / "training_config.json", {
-        "base_model": session.config.models.student, "peft": _jsonable(peft_cfg),
-        "training_args": _jsonable(trainer.args.to_dict()), "data": data_sizes, "results": metrics,
-        "profile": session.profile.name, "timestamp": metrics["timestamp"], "fingerprint": fp})
     write_json(final_dir / "log_history.json", trainer.state.log_history)
     training_curves(trainer.state.log_history, session.paths.evaluation_figures / f"{stage}_training_curves.png",
                     f"{stage}: loss", curve_extra)
     write_metrics(session.paths.evaluation_metrics / f"{stage}_metrics.json", metrics, session.config)
+    # written last: its fingerprint marks final/ as complete (reuse_finished and the evaluation stages read it)
+    write_json(final_dir / "training_config.json", {
+        "base_model": session.config.models.student, "peft": _jsonable(peft_cfg),
+        "training_args": _jsonable(trainer.args.to_dict()), "data": data_sizes, "results": metrics,
+        "profile": session.profile.name, "timestamp": metrics["timestamp"], "fingerprint": fp})
     return metrics
 
 
-def _jsonable(obj):
-    if hasattr(obj, "to_dict"):
-        obj = obj.to_dict()
-    return json.loads(json.dumps(obj, default=str))
+def merge_adapter(session, adapter_dir: Path, out_dir: Path) -> Path:
+    """Base + adapter merged into one standalone model (full precision: a 4-bit base cannot be merged)."""
+    import os
+    import shutil
 
-
-def _done(final_dir: Path, fp: str) -> Optional[dict]:
-    """Metrics of a finished run with the same fingerprint (rerunning a finished stage does not retrain)."""
-    f = final_dir / "training_config.json"
-    if f.exists() and read_json(f).get("fingerprint") == fp:
-        print(f"already trained with this config and data: {final_dir} (delete it to retrain)")
-        return read_json(f)["results"]
-    return None
-
-
-# ---------------------------------------------------------------- stages
-
-def _train_on_sft_data(session, stage: str, tree_dir: Path, peft_cfg, fp_parts: tuple, args_kw: dict,
-                       extra: dict, callbacks: Optional[list]) -> dict:
-    """The part 05 and 05b share: SFT rows → SFTTrainer with one PEFT config → resume → samples → artefacts."""
-    from trl import SFTConfig, SFTTrainer
-
-    from .models import load_model, load_tokenizer
-
-    cfg = session.config
-    tok = load_tokenizer(cfg.models.student)
-    train, val, val_prompts = tokenized_sft_split(session, tok)
-    fp = fingerprint(stage, *fp_parts, cfg.models.student, cfg.models.max_seq_length, session.profile.name,
-                     train.to_list(), val.to_list())
-    final_dir, ckpt_dir = tree_dir / "final", tree_dir / "checkpoints"
-    if (done := _done(final_dir, fp)) is not None:
-        return done
-    resume = prepare_checkpoints(ckpt_dir, fp)
-    model = load_model(cfg.models.student, session.profile, for_training=True)
-    section = getattr(cfg, stage)
-    args = SFTConfig(**common_args(section, session, ckpt_dir, args_kw.pop("padding_free")),
-                     completion_only_loss=True, **args_kw)
-    # one PEFT wrap: the trainer applies peft_config (no get_peft_model beforehand)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok,
-                         peft_config=peft_cfg, callbacks=callbacks)
-    out, secs, tokens = run_trainer(trainer, resume, session, stage)
-    samples = sample_answers(trainer.model, tok, val_prompts[: cfg.sft.sample_prompts], sample_tokens(cfg))
-    extra = {**extra, "samples": samples,
-             "sample_eos_stop_rate": round(sum(s["stopped_on_eos"] for s in samples) / max(len(samples), 1), 4)}
-    return finish(session, stage, trainer, tok, out, secs, tokens, fp, final_dir,
-                  {"train_rows": len(train), "val_rows": len(val)}, peft_cfg, extra)
-
-
-def train_sft(session, callbacks: Optional[list] = None) -> dict:
-    """05: LoRA (bf16/fp32) or QLoRA (4-bit) SFT, completion-only loss through the chat template."""
-    from .models import lora_config
-
-    cfg = session.config
-    return _train_on_sft_data(
-        session, "sft", session.paths.models_sft, lora_config(cfg.lora), (asdict(cfg.sft), asdict(cfg.lora)),
-        {"padding_free": session.profile.padding_free, "optim": cfg.sft.optimizer,
-         "weight_decay": cfg.sft.weight_decay},
-        {"method": "qlora_4bit" if session.profile.load_in_4bit else "lora"}, callbacks)
-
-
-def train_prompt_tuning(session, callbacks: Optional[list] = None) -> dict:
-    """05b: PEFT prompt tuning on the same data; padding and prompt masked, length-grouped batches."""
-    from .models import prompt_tuning_config, resolve_model
-
-    pt = session.config.prompt_tuning
-    return _train_on_sft_data(
-        session, "prompt_tuning", session.paths.models_prompt_tuning,
-        prompt_tuning_config(pt, resolve_model(session.config.models.student)), (asdict(pt),),
-        # padding-free packs rows into one sequence; virtual tokens must prefix every row, so it stays off here
-        {"padding_free": False, "train_sampling_strategy": "group_by_length"},
-        {"method": "prompt_tuning", "num_virtual_tokens": pt.num_virtual_tokens}, callbacks)
-
-
-def train_dpo(session, callbacks: Optional[list] = None) -> dict:
-    """06: DPO on base + SFT adapter (trainable); the reference is a frozen copy of that adapter on the same base."""
     from peft import PeftModel
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM
 
-    from .models import load_model, load_tokenizer
+    from .hardware import torch_dtype
+    from .models import load_tokenizer, resolve_model
 
-    cfg, p = session.config, session.paths
-    sft_final = p.models_sft / "final"
-    train, val = load_split(session, p.data_preference, DPO_FILES, ("prompt", "chosen", "rejected"),
-                            "04_preference_generation")
-    if not (sft_final / "adapter_config.json").exists():
-        raise MissingInputError(f"missing SFT adapter {sft_final} (run 05_sft_training first)")
-    fp = fingerprint("dpo", asdict(cfg.dpo), cfg.models.student, cfg.models.max_seq_length, session.profile.name,
-                     train.to_list(), val.to_list(), (sft_final / "adapter_config.json").stat().st_mtime)
-    final_dir, ckpt_dir = p.models_dpo / "final", p.models_dpo / "checkpoints"
-    if (done := _done(final_dir, fp)) is not None:
-        return done
-    resume = prepare_checkpoints(ckpt_dir, fp)
-    tok = load_tokenizer(cfg.models.student)
-    base = load_model(cfg.models.student, session.profile, for_training=True)
-    model = PeftModel.from_pretrained(base, str(sft_final), is_trainable=True)
-    d = cfg.dpo
-    args = DPOConfig(**common_args(d, session, ckpt_dir, padding_free=False), beta=d.beta, loss_type=[d.loss_type])
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=val,
-                         processing_class=tok, callbacks=callbacks)
-    out, secs, tokens = run_trainer(trainer, resume, session, "dpo")
-    # TRL adds a frozen copy of the SFT adapter ("ref") on the same base: the reference is the SFT model itself,
-    # with no second copy of the base weights.
-    extra = {"method": "dpo", "beta": d.beta, "loss_type": d.loss_type,
-             "reference": "frozen copy of the SFT adapter on the shared base (no second base model)"}
-    metrics = finish(session, "dpo", trainer, tok, out, secs, tokens, fp, final_dir,
-                     {"train_pairs": len(train), "val_pairs": len(val)}, model.peft_config["default"], extra,
-                     curve_extra="rewards/accuracies")
-    return metrics
+    student = session.config.models.student
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(student), dtype=torch_dtype(session.profile))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tmp = Path(str(out_dir) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    load_tokenizer(student).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return Path(out_dir)
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> str:
+    """Upload a saved adapter (or merged model) folder to a Hub model repo; needs a token with write access."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+    except Exception as e:   # no token, no network, no rights: the user's to fix
+        raise HubAccessError(f"could not push {folder} to {repo_id}: {type(e).__name__}: {str(e)[:200]} "
+                             "(log in with `huggingface-cli login` or set HF_TOKEN)") from None
+    return f"https://huggingface.co/{repo_id}"

@@ -1,4 +1,5 @@
-"""05/05b/06 on a tiny random Llama: label mask, loss decreasing, kill-and-resume, saved adapters, QLoRA on CPU."""
+"""Training blocks of 05/05b/06 on a tiny random Llama, called in the notebooks' order: label mask, loss
+decreasing, kill-and-resume, reuse of a finished run, saved adapters, QLoRA on CPU, OOM, fingerprints."""
 import json
 from dataclasses import replace
 
@@ -9,7 +10,8 @@ from transformers import TrainerCallback
 from sitlib import training
 from sitlib.artifacts import write_jsonl
 from sitlib.hardware import PROFILES
-from sitlib.models import load_tokenizer
+from sitlib.errors import OutOfMemoryError
+from sitlib.models import load_model, load_tokenizer, lora_config, prompt_tuning_config, resolve_model
 from sitlib.session import setup
 
 WORDS = ["sea", "poem", "capital", "France", "answer", "numbers", "photosynthesis", "list"]
@@ -70,6 +72,53 @@ def test_trainer_batches_mask_prompt_and_padding_but_train_eos(tiny_model_dir, t
     assert answers == sorted(r["completion"][0]["content"] + "<|im_end|>" for r in rows)   # answer + EOS only
 
 
+def test_show_label_mask_marks_exactly_the_answer(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    shown = training.show_label_mask(tok, _sft_rows(1)[0])
+    assert str(shown).endswith("⟦The answer is France.<|im_end|>⟧")
+    assert str(shown).count("⟦") == 1 and shown.trained_tokens == sum(
+        training.tokenize_sft(tok, _sft_rows(1)[0], 512)["completion_mask"])
+    assert "background" in shown._repr_html_()
+
+
+def _sft(S, stage="sft", callbacks=None):
+    """Stage 05 / 05b through the blocks, in the notebooks' order."""
+    tok = load_tokenizer(S.config.models.student)
+    train, val, prompts = training.tokenized_sft_split(S, tok)
+    peft_cfg = (lora_config(S.config.lora) if stage == "sft" else
+                prompt_tuning_config(S.config.prompt_tuning, resolve_model(S.config.models.student)))
+    tree = S.paths.models_sft if stage == "sft" else S.paths.models_prompt_tuning
+    fp = training.sft_fingerprint(S, stage, train, val, peft_cfg)
+    resume = training.prepare_checkpoints(tree / "checkpoints", fp, training.weights_key(S))
+    model = load_model(S.config.models.student, S.profile, for_training=True)
+    trainer = training.sft_trainer(model, training.sft_args(S, stage, tree / "checkpoints"), train, val, tok,
+                                   peft_cfg, callbacks)
+    before = training.sample_answers(trainer.model, tok, prompts[:2], 8)
+    result = training.reuse_finished(trainer, tree / "final", fp) or training.run_trainer(trainer, resume, S, stage)
+    after = training.sample_answers(trainer.model, tok, prompts[:2], 8)
+    assert len(before) == len(after) == 2
+    ev = training.evaluate(trainer, S, stage)
+    return training.finish_training(S, stage, trainer, tok, result, ev, fp, tree / "final",
+                                    {"train_rows": len(train), "val_rows": len(val)}, peft_cfg, {"method": stage})
+
+
+def _dpo(S):
+    tok = load_tokenizer(S.config.models.student)
+    train, val = training.preference_split(S)
+    sft_final = training.sft_adapter(S)
+    fp = training.dpo_fingerprint(S, train, val, sft_final)
+    ckpt = S.paths.models_dpo / "checkpoints"
+    resume = training.prepare_checkpoints(ckpt, fp, training.weights_key(S))
+    policy = training.dpo_policy(S, sft_final)
+    trainer = training.dpo_trainer(policy, training.dpo_args(S, ckpt), train, val, tok)
+    result = training.reuse_finished(trainer, S.paths.models_dpo / "final", fp) or \
+        training.run_trainer(trainer, resume, S, "dpo")
+    ev = training.evaluate(trainer, S, "dpo")
+    return training.finish_training(S, "dpo", trainer, tok, result, ev, fp, S.paths.models_dpo / "final",
+                                    {"train_pairs": len(train)}, policy.peft_config["default"], {"method": "dpo"},
+                                    curve_extra="rewards/accuracies")
+
+
 class KillAfterSave(TrainerCallback):
     def __init__(self, at_step):
         self.at_step = at_step
@@ -82,9 +131,10 @@ class KillAfterSave(TrainerCallback):
 def test_sft_loss_decreases_resume_after_kill_and_adapter_loads_offline(tmp_path, tiny_model_dir, capsys):
     S = _session(tmp_path, tiny_model_dir, **{"sft.epochs": 3.0, "sft.learning_rate": 3e-2, "sft.warmup_ratio": 0.0})
     with pytest.raises(KeyboardInterrupt):
-        training.train_sft(S, callbacks=[KillAfterSave(4)])
+        _sft(S, callbacks=[KillAfterSave(4)])
     assert (S.paths.models_sft / "checkpoints" / "checkpoint-4").is_dir()
-    m = training.train_sft(S)
+    assert not (S.paths.models_sft / "final" / "training_config.json").exists()
+    m = _sft(S)
     assert "resuming from checkpoint-4" in capsys.readouterr().out
     assert m["steps"] == 12
     history = json.loads((S.paths.models_sft / "final" / "log_history.json").read_text())
@@ -102,40 +152,42 @@ def test_sft_loss_decreases_resume_after_kill_and_adapter_loads_offline(tmp_path
     model = AutoPeftModelForCausalLM.from_pretrained(str(S.paths.models_sft / "final"))
     tok = AutoTokenizer.from_pretrained(str(S.paths.models_sft / "final"))
     assert tok.pad_token_id != tok.eos_token_id and model.peft_config["default"].r == 8
-    again = training.train_sft(S)           # finished with the same config + data: not retrained
+    again = _sft(S)           # finished with the same config + data: the saved adapter is reused, not retrained
     assert again["timestamp"] == m["timestamp"]
+    assert "already trained with this config and data" in capsys.readouterr().out
 
 
 def test_prompt_tuning_and_dpo(tmp_path, tiny_model_dir):
     S = _session(tmp_path, tiny_model_dir)
     with pytest.raises(FileNotFoundError, match="run 04_preference_generation first"):
-        training.train_dpo(S)
+        _dpo(S)
     pairs = [{"id": i, "prompt": r["prompt"], "chosen": r["completion"],
               "rejected": [{"role": "assistant", "content": "no"}]} for i, r in enumerate(_sft_rows(8))]
     write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:6])
     write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[6:])
     with pytest.raises(FileNotFoundError, match="run 05_sft_training first"):
-        training.train_dpo(S)
-    pt = training.train_prompt_tuning(S)
+        _dpo(S)
+    pt = _sft(S, "prompt_tuning")
     assert pt["trainable_parameters"] == 4 * 64    # 4 virtual tokens × hidden size 64
-    training.train_sft(S)
-    d = training.train_dpo(S)
-    assert d["steps"] == 3 and 0.0 <= d["eval_reward_accuracy"] <= 1.0
+    _sft(S)
+    d = _dpo(S)
+    assert d["steps"] == 3 and 0.0 <= d["eval_reward_accuracy"] <= 1.0 and "eval_reward_margin" in d
     assert "ref" not in [p.name for p in (S.paths.models_dpo / "final").iterdir()]
     from peft import AutoPeftModelForCausalLM
     AutoPeftModelForCausalLM.from_pretrained(str(S.paths.models_dpo / "final"))
     AutoPeftModelForCausalLM.from_pretrained(str(S.paths.models_prompt_tuning / "final"))
+    shown = training.show_preference_pair(load_tokenizer(str(tiny_model_dir)), pairs[0])
+    assert shown["prompt as the model sees it"].endswith("<|im_start|>assistant\n") and shown["rejected"] == "no"
 
 
 def test_qlora_4bit_path_trains_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    import sitlib.session as session_mod
     q = replace(PROFILES["cpu"], load_in_4bit=True)
     monkeypatch.setitem(PROFILES, "cpu", q)
     S = _session(tmp_path, tiny_model_dir, **{"sft.max_steps": 2})
     assert S.profile.load_in_4bit
-    m = training.train_sft(S, callbacks=[AdapterDtypes(seen := [])])
-    assert m["method"] == "qlora_4bit" and m["steps"] == 2
+    m = _sft(S, callbacks=[AdapterDtypes(seen := [])])
+    assert m["steps"] == 2
     assert m["total_parameters"] > m["trainable_parameters"] > 0
     # TRL makes a 4-bit model's adapter bf16; without bf16 (a T4's fp16 AMP) it must train in fp32
     assert seen and set(seen) == {torch.float32}
@@ -151,27 +203,60 @@ class AdapterDtypes(TrainerCallback):
 
 def test_padding_free_profiles_build_a_trainer(tmp_path, tiny_model_dir, monkeypatch):
     """TRL refuses max_length with padding-free; the GPU profiles use padding-free, so this must construct."""
-    from trl import SFTConfig, SFTTrainer
-
+    monkeypatch.setitem(PROFILES, "cpu", replace(PROFILES["cpu"], padding_free=True))
     S = _session(tmp_path, tiny_model_dir)
     tok = load_tokenizer(str(tiny_model_dir))
     train, val, _ = training.tokenized_sft_split(S, tok)
-    args = SFTConfig(**training.common_args(S.config.sft, S, tmp_path / "ck", padding_free=True),
-                     completion_only_loss=True)
-    from sitlib.models import load_model
-    trainer = SFTTrainer(model=load_model(str(tiny_model_dir), PROFILES["cpu"]), args=args, train_dataset=train,
-                         eval_dataset=val, processing_class=tok)
+    args = training.sft_args(S, "sft", tmp_path / "ck")
+    trainer = training.sft_trainer(load_model(str(tiny_model_dir), S.profile), args, train, val, tok,
+                                   lora_config(S.config.lora))
     assert trainer.args.padding_free and trainer.args.max_length is None
+    assert not training.sft_args(S, "prompt_tuning", tmp_path / "ck").padding_free   # virtual tokens prefix rows
 
 
-def test_gpu_oom_names_the_values_to_lower(tmp_path, tiny_model_dir):
+def test_args_come_from_the_resolved_settings(tmp_path, tiny_model_dir):
+    S = _session(tmp_path, tiny_model_dir, **{"sft.learning_rate": 1.5e-4, "dpo.beta": 0.25})
+    table = training.args_table(training.sft_args(S, "sft", tmp_path / "ck"))
+    assert table.loc["learning_rate", "value"] == "0.00015" and "completion_only_loss" in table.index
+    d = training.dpo_args(S, tmp_path / "ck")
+    assert d.beta == 0.25 and d.learning_rate == S.config.dpo.learning_rate and not d.bf16
+
+
+class OomAtStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_gpu_oom_in_a_training_step_is_one_line_and_writes_no_result(tmp_path, tiny_model_dir):
     S = _session(tmp_path, tiny_model_dir)
+    with pytest.raises(OutOfMemoryError) as e:
+        _sft(S, callbacks=[OomAtStep()])
+    msg = str(e.value)
+    assert "\n" not in msg and "sft.batch_size (now 4)" in msg and "sft.gradient_accumulation" in msg
+    assert "models.max_seq_length (now 96)" in msg
+    assert not (S.paths.models_sft / "final").exists()
+    assert not (S.paths.evaluation_metrics / "sft_metrics.json").exists()
 
-    class Boom:
-        state = None
 
-        def train(self, resume_from_checkpoint=None):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        model = torch.nn.Linear(1, 1)
-    with pytest.raises(RuntimeError, match=r"lower sft\.batch_size \(now 4\).*sft\.gradient_accumulation"):
-        training.run_trainer(Boom(), None, S, "sft")
+def test_fingerprints_ignore_the_profile_name_and_dpo_follows_adapter_content(tmp_path, tiny_model_dir):
+    S = _session(tmp_path, tiny_model_dir)
+    tok = load_tokenizer(str(tiny_model_dir))
+    train, val, _ = training.tokenized_sft_split(S, tok)
+    peft_cfg = lora_config(S.config.lora)
+    fp = training.sft_fingerprint(S, "sft", train, val, peft_cfg)
+    other = replace(S, profile=replace(S.profile, name="a100"))
+    assert training.sft_fingerprint(other, "sft", train, val, peft_cfg) == fp
+    S.config.sft.learning_rate *= 2
+    assert training.sft_fingerprint(S, "sft", train, val, peft_cfg) != fp
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights-1")
+    before = training.adapter_digest(adapter)
+    import os
+    os.utime(adapter / "adapter_model.safetensors", (1, 1))      # only the modification time changes
+    assert training.adapter_digest(adapter) == before
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights-2")
+    assert training.adapter_digest(adapter) != before
