@@ -23,10 +23,9 @@ from .errors import BadInputError, HubAccessError, OutOfMemoryError
 from .figures import training_curves
 from .generation import Sampling, chat_input_ids, generate
 
-try:   # checkpoint housekeeping shared with the other stages (moves a profile's checkpoints aside on a switch)
-    from .checkpoints import prepare_checkpoints as _shared_prepare_checkpoints
-except ImportError:   # pragma: no cover - until sitlib.checkpoints exists
-    _shared_prepare_checkpoints = None
+# resume point of a run: same fingerprint → newest complete checkpoint; other weights (a profile switch) → moved
+# aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
+from .checkpoints import prepare_checkpoints, tokens_seen  # noqa: F401
 
 SFT_FILES = ("sft_train.jsonl", "sft_val.jsonl")
 DPO_FILES = ("dpo_train.jsonl", "dpo_val.jsonl")
@@ -252,34 +251,6 @@ def dpo_fingerprint(session, train, val, sft_final: Path) -> str:
                        train.to_list(), val.to_list(), adapter_digest(sft_final))
 
 
-def _local_prepare_checkpoints(ckpt_dir: Path, fp: str, weights_key: Optional[str] = None) -> Optional[str]:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    marker = ckpt_dir / "fingerprint.json"
-    if ckpt_dir.exists() and (not marker.exists() or read_json(marker).get("fingerprint") != fp):
-        import shutil
-
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"fingerprint": fp, "weights_key": weights_key})
-    last = get_last_checkpoint(str(ckpt_dir))
-    if last:
-        print(f"resuming from {Path(last).name}")
-    return last
-
-
-def prepare_checkpoints(ckpt_dir: Path, fp: str, weights_key: Optional[str] = None) -> Optional[str]:
-    """The newest checkpoint of a run with the same fingerprint (printed: "resuming from checkpoint-N"), or None."""
-    if _shared_prepare_checkpoints is not None:
-        return _shared_prepare_checkpoints(Path(ckpt_dir), fp, weights_key)
-    return _local_prepare_checkpoints(Path(ckpt_dir), fp, weights_key)
-
-
-def weights_key(session) -> str:
-    """What makes saved optimizer/weight states incompatible across profiles (dtype, 4-bit, ...)."""
-    return getattr(session.profile, "weights_key", session.profile.name)
-
-
 # ---------------------------------------------------------------- train
 
 def memory_report(profile) -> str:
@@ -365,9 +336,7 @@ class TrainResult:
 def run_trainer(trainer, resume: Optional[str], session, section_name: str) -> TrainResult:
     """trainer.train(), resuming from `resume`; timed, tokens counted, CUDA OOM → OutOfMemoryError."""
     fp32_adapters_without_bf16(trainer, session.profile)
-    tokens_before = 0
-    if resume:
-        tokens_before = json.loads((Path(resume) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+    tokens_before = tokens_seen(resume)
     if session.profile.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()

@@ -89,7 +89,7 @@ def _sft(S, stage="sft", callbacks=None):
                 prompt_tuning_config(S.config.prompt_tuning, resolve_model(S.config.models.student)))
     tree = S.paths.models_sft if stage == "sft" else S.paths.models_prompt_tuning
     fp = training.sft_fingerprint(S, stage, train, val, peft_cfg)
-    resume = training.prepare_checkpoints(tree / "checkpoints", fp, training.weights_key(S))
+    resume = training.prepare_checkpoints(tree / "checkpoints", fp, S.profile.weights_key)
     model = load_model(S.config.models.student, S.profile, for_training=True)
     trainer = training.sft_trainer(model, training.sft_args(S, stage, tree / "checkpoints"), train, val, tok,
                                    peft_cfg, callbacks)
@@ -108,7 +108,7 @@ def _dpo(S):
     sft_final = training.sft_adapter(S)
     fp = training.dpo_fingerprint(S, train, val, sft_final)
     ckpt = S.paths.models_dpo / "checkpoints"
-    resume = training.prepare_checkpoints(ckpt, fp, training.weights_key(S))
+    resume = training.prepare_checkpoints(ckpt, fp, S.profile.weights_key)
     policy = training.dpo_policy(S, sft_final)
     trainer = training.dpo_trainer(policy, training.dpo_args(S, ckpt), train, val, tok)
     result = training.reuse_finished(trainer, S.paths.models_dpo / "final", fp) or \
