@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import BadInputError, MissingInputError  # re-exported: artifacts.MissingInputError is errors'
 
@@ -48,19 +48,54 @@ def append_jsonl(path: str | Path, rows: list[dict]) -> Path:
     return _atomic_write_bytes(path, old + new)
 
 
-def read_jsonl(path: str | Path, produced_by: str | None = None) -> list[dict]:
+def jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a JSON Lines file. Split on "\n" only: str.splitlines() also splits on U+2028,
+    U+2029, U+0085 and other separators that json.dumps(ensure_ascii=False) leaves inside strings."""
+    text = Path(path).read_bytes().decode("utf-8")
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            yield n, line
+
+
+def count_jsonl_rows(path: str | Path) -> int:
+    """Rows in a JSON Lines file (0 when absent): what a resumed stage has already written."""
+    path = Path(path)
+    return sum(1 for _ in jsonl_lines(path)) if path.exists() else 0
+
+
+def _example(fields: Iterable[str]) -> str:
+    return "{" + ", ".join(f'"{f}": ...' for f in fields) + "}"
+
+
+def parse_jsonl_line(path: str | Path, n: int, line: str, fields: Iterable[str] = ()) -> dict:
+    """One row, or BadInputError "file:line: what is wrong (expected {...})"."""
+    fields = tuple(fields)
+    expected = f"expected one JSON object per line, like {_example(fields)}" if fields else \
+        "expected one JSON object per line"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); {expected}") from None
+    if not isinstance(row, dict):
+        raise BadInputError(f"{path}:{n}: a JSON {type(row).__name__}, not an object; {expected}")
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise BadInputError(f"{path}:{n}: missing field {missing[0]!r} ({expected})")
+    return row
+
+
+def read_jsonl(path: str | Path, produced_by: str | None = None, fields: Iterable[str] = ()) -> list[dict]:
+    """Every row of a JSON Lines file. A missing file names the notebook that writes it; a bad line is a
+    BadInputError naming file:line; `fields` are required in every row."""
     path = Path(path)
     if not path.exists():
         hint = f" (run {produced_by} first)" if produced_by else ""
         raise MissingInputError(f"missing input {path}{hint}")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-    return rows
+    try:
+        lines = list(jsonl_lines(path))
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON Lines") from None
+    return [parse_jsonl_line(path, n, line, fields) for n, line in lines]
 
 
 def read_json(path: str | Path, produced_by: str | None = None) -> Any:
@@ -68,7 +103,10 @@ def read_json(path: str | Path, produced_by: str | None = None) -> Any:
     if not path.exists():
         hint = f" (run {produced_by} first)" if produced_by else ""
         raise MissingInputError(f"missing input {path}{hint}")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> Path:

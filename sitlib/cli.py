@@ -1,29 +1,23 @@
-"""`python -m sitlib <stage>`: the same functions the notebooks call, from a shell."""
+"""`python -m sitlib <stage>`: run a stage's notebook with papermill (the notebook is the one orchestration);
+`python -m sitlib filter --input … --output …`: the quality filter as a tool for any JSONL."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import sys
+import tempfile
 from pathlib import Path
 
-from .config import ConfigError, parse_value
+from .config import ConfigError, load_config, parse_value
+from .errors import BadInputError, MissingInputError, SitError
 
-# CLI stage → (module, function taking a Session and returning its metrics dict)
-STAGE_FUNCTIONS = {
-    "setup": ("sitlib.session", "check_student"),
-    "generate": ("sitlib.magpie", "run_magpie"),
-    "preference": ("sitlib.preference", "run_preference"),
-    "sft": ("sitlib.training", "train_sft"),
-    "prompt-tuning": ("sitlib.training", "train_prompt_tuning"),
-    "dpo": ("sitlib.training", "train_dpo"),
-    "benchmark": ("sitlib.benchmark", "run_benchmark"),
-    "agent-eval": ("sitlib.agent", "run_agent_eval"),
-    "compare": ("sitlib.comparison", "run_comparison"),
+# CLI name → stage (the notebook numbered so); the number itself works too, e.g. `python -m sitlib 05`
+STAGE_NAMES = {
+    "setup": "01", "generate": "02", "preference": "04", "sft": "05", "prompt-tuning": "05b", "dpo": "06",
+    "benchmark": "07", "agent-eval": "08", "compare": "09",
 }
-# errors that are the user's input, not a bug: one line, no traceback
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, RuntimeError)  # PipelineError is a RuntimeError
+# the user's mistakes: one line, exit 2. Anything else (a bug here, in torch or TRL) keeps its traceback.
+USER_ERRORS = (SitError,)
 
 
 def _kv(text: str) -> tuple[str, object]:
@@ -34,11 +28,11 @@ def _kv(text: str) -> tuple[str, object]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="auto", help="auto | cpu | t4 | a100 | h100")
+    p.add_argument("--profile", default="auto", help="auto | cpu | t4 | l4 | a100 | a100-40gb | a100-80gb | h100")
     p.add_argument("--output-dir", default=None, help="output tree (default: SIT_OUTPUT_DIR, Drive on Colab, ./outputs)")
     p.add_argument("--config", default=None, help="config JSON (default: the repo's config.json)")
     p.add_argument("-p", "--param", action="append", type=_kv, default=[],
-                   help="dotted config key or notebook parameter, e.g. -p sft.epochs=1 (repeatable)")
+                   help="dotted config key (-p sft.epochs=1) or UPPER_CASE notebook parameter (-p MAX_STEPS=4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,72 +41,145 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run the notebook series with papermill")
     _common(p)
     p.add_argument("--stages", default=None, help="comma list, e.g. 01,02,03 (default: all)")
-    p = sub.add_parser("filter", help="quality-filter a JSONL of instruction/response rows (default: 03's files)")
+    p = sub.add_parser("filter", help="quality-filter any JSONL of instruction/response rows (without --input: 03)")
     _common(p)
-    p.add_argument("--input", default=None, help="any JSONL; without it, 03 runs on the output tree")
+    p.add_argument("--input", default=None, help="any JSONL; without it, notebook 03 runs on the output tree")
     p.add_argument("--output", default=None)
     p.add_argument("--stats", default=None)
     p.add_argument("--rejected", default=None, help="also write rejected rows with their reasons")
     p.add_argument("--skip-bad-rows", action="store_true", help="report bad lines and go on instead of failing")
-    for name in STAGE_FUNCTIONS:
-        p = sub.add_parser(name, help=f"run stage '{name}'")
+    for name, stage in STAGE_NAMES.items():
+        p = sub.add_parser(name, aliases=[stage], help=f"run notebook {stage} with papermill")
         _common(p)
+        p.set_defaults(stage=stage)
     return ap
 
 
-def _session(args):
-    from .session import setup
+def check_params(params: list[tuple[str, object]]) -> None:
+    for key, _ in params:
+        if "." not in key and not key.isupper():
+            raise ConfigError(f"-p {key}: expected a dotted config key (sft.epochs=1) or an UPPER_CASE notebook "
+                              "parameter (MAX_STEPS=4)")
 
-    overrides = {k: v for k, v in args.param if "." in k}
-    return setup(args.profile, args.output_dir, args.config, overrides, verbose=False)
+
+def validate(args) -> object:
+    """Everything the user handed in, checked before anything is written (one line on a mistake)."""
+    from . import hardware
+
+    check_params(args.param)
+    known = [*hardware.PROFILES, *getattr(hardware, "ALIASES", ())]
+    if args.profile != "auto" and args.profile not in known:
+        raise ConfigError(f"--profile {args.profile!r}: expected auto or one of {', '.join(known)}")
+    prof = hardware.PROFILES.get(args.profile)
+    return load_config(args.config, prof.overrides if prof else None, {k: v for k, v in args.param if "." in k})
+
+
+def check_writable(folder: Path, what: str = "output directory") -> None:
+    """Create `folder` and a file in it, or fail in one line (read-only mount, Drive not mounted, a file there)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sit-write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {folder} is not writable ({e.strerror}); choose another with --output-dir "
+                          "or SIT_OUTPUT_DIR") from None
+
+
+def check_notebook_params(stages: list[str], params: list[tuple[str, object]]) -> None:
+    """UPPER_CASE -p keys must be parameters of a notebook that runs (papermill would only warn)."""
+    import papermill as pm
+
+    from .pipeline import notebook_for
+
+    upper = [k for k, _ in params if "." not in k]
+    if not upper:
+        return
+    names = set()
+    for stage in stages:
+        names |= set(pm.inspect_notebook(str(notebook_for(stage))))
+    for key in upper:
+        if key not in names:
+            raise ConfigError(f"-p {key}: not a parameter of notebook(s) {', '.join(stages)} "
+                              f"(parameters: {', '.join(sorted(names))})")
+
+
+def run_stages(args, stages: list[str]) -> int:
+    from .pipeline import run_pipeline
+    from .runtime import resolve_output_dir
+
+    validate(args)
+    check_notebook_params(stages, args.param)
+    out = resolve_output_dir(args.output_dir)
+    check_writable(out)
+    run_dir = run_pipeline(stages, out, args.profile, args.config, dict(args.param))
+    print(f"executed notebooks and logs: {run_dir}")
+    return 0
+
+
+def filter_jsonl(args) -> int:
+    """The filter as a plain function over any JSONL: nothing is written unless every row is readable."""
+    from .artifacts import jsonl_lines, parse_jsonl_line, write_json, write_jsonl
+    from .filtering import filter_rows, row_texts, strip_added
+
+    cfg = validate(args)
+    inp = Path(args.input)
+    if not args.output:
+        raise ConfigError("--output is required with --input")
+    if not inp.is_file():
+        raise MissingInputError(f"input not found: {inp}")
+    rows, problems = [], []
+    for n, line in jsonl_lines(inp):
+        try:
+            row = parse_jsonl_line(inp, n, line)
+            try:
+                row_texts(row)
+            except (KeyError, TypeError) as e:
+                raise BadInputError(f"{inp}:{n}: {str(e).strip(chr(39))} "
+                                    '(expected {"instruction": ..., "response": ...})') from None
+            rows.append(row)
+        except BadInputError as e:
+            if not args.skip_bad_rows:
+                raise
+            problems.append(str(e))
+    if not rows:
+        raise BadInputError(f"{inp}: no rows (expected JSON Lines: one {{\"instruction\": ..., \"response\": ...}} "
+                            "object per line)")
+    extra = [Path(p) for p in (args.output, args.stats, args.rejected) if p]
+    for folder in {p.resolve().parent for p in extra}:
+        check_writable(folder, "folder")
+    kept, rejected, stats = filter_rows(rows, cfg.filter)
+    if problems:
+        stats["reasons"]["bad_row"] = len(problems)
+        stats["bad_rows"] = problems
+    write_jsonl(args.output, [strip_added(r) for r in kept])
+    if args.rejected:
+        write_jsonl(args.rejected, rejected)
+    if args.stats:
+        write_json(args.stats, stats)
+    print(json.dumps(stats, indent=2))
+    return 0
 
 
 def run(argv: list[str] | None = None) -> int:
+    from .pipeline import NotebookFailed, parse_stages
+
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "pipeline":
-            from .pipeline import parse_stages, run_pipeline
-            from .runtime import resolve_output_dir
-
-            from .config import load_config
-            load_config(args.config, None, {k: v for k, v in args.param if "." in k})  # fail before writing
-            run_dir = run_pipeline(parse_stages(args.stages), resolve_output_dir(args.output_dir), args.profile,
-                                   args.config, dict(args.param))
-            print(f"executed notebooks: {run_dir}")
-            return 0
-        if args.command == "filter" and args.input is None:
-            from .filtering import run_filter
-
-            print(json.dumps(run_filter(_session(args)), indent=2))
-            return 0
+        if args.command == "filter" and args.input is not None:
+            return filter_jsonl(args)
         if args.command == "filter":
-            if not args.output:
-                raise ValueError("--output is required with --input")
-            from .filtering import filter_file
-            from .config import load_config
-
-            cfg = load_config(args.config, None, {k: v for k, v in args.param if "." in k})
-            stats = filter_file(Path(args.input), Path(args.output), cfg.filter,
-                                Path(args.stats) if args.stats else None,
-                                Path(args.rejected) if args.rejected else None, args.skip_bad_rows, cfg.seed)
-            print(json.dumps(stats, indent=2))
-            return 0
-        module, fn = STAGE_FUNCTIONS[args.command]
-        func = getattr(importlib.import_module(module), fn)
-        # non-dotted -p keys are the notebook's own parameters, e.g. compare -p ALLOW_MISSING=True
-        kwargs = {k.lower(): v for k, v in args.param if "." not in k}
-        # only plain flags (e.g. allow_missing) may come from -p; objects like a loaded teacher may not
-        accepted = {k for k, prm in inspect.signature(func).parameters.items()
-                    if k != "session" and isinstance(prm.default, bool)}
-        if set(kwargs) - accepted:
-            raise ValueError(f"stage '{args.command}' takes no parameter(s) "
-                             f"{', '.join(k.upper() for k in set(kwargs) - accepted)}")
-        result = func(_session(args), **kwargs)
-        print(json.dumps(result, indent=2, default=str))
-        return 0
+            return run_stages(args, ["03"])
+        if args.command == "pipeline":
+            return run_stages(args, parse_stages(args.stages))
+        return run_stages(args, [args.stage])
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NotebookFailed as e:
+        # not the user's mistake: the notebook's own traceback, then where the copy and the log are
+        print(e.traceback, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main() -> None:

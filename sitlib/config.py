@@ -245,7 +245,83 @@ def load_config(path: str | Path | None = None, profile_overrides: dict | None =
     _merge(cfg, data)
     for layer in (profile_overrides or {}, overrides or {}):
         _merge(cfg, _dotted_to_nested(layer))
+    check_ranges(cfg)
     return cfg
+
+
+def _at_least(lo):
+    return (lambda v: v >= lo), f"≥ {lo}"
+
+
+def _above(lo):
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def _between(lo, hi, lo_open=True, hi_open=True):
+    def ok(v):
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    return ok, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _one_of(*options):
+    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+_STEPS = (lambda v: v == -1 or v >= 1), "-1 (whole epochs) or ≥ 1"
+_TRAINING = ("sft", "prompt_tuning", "dpo")
+# key → (test, allowed range as the error states it); `*` stands for each training section
+RANGES = {
+    "seed": _at_least(0), "models.max_seq_length": _at_least(16),
+    "models.scorer": _one_of("reward_model", "offline"),
+    "generation.num_instructions": _at_least(1), "generation.batch_size": _at_least(1),
+    "generation.chunk_size": _at_least(1), "generation.instruction_temperature": _above(0),
+    "generation.response_temperature": _above(0),
+    "generation.instruction_top_p": _between(0, 1, hi_open=False),
+    "generation.response_top_p": _between(0, 1, hi_open=False),
+    "generation.instruction_max_new_tokens": _at_least(1), "generation.response_max_new_tokens": _at_least(1),
+    "generation.constraint_share": _between(0, 1, False, False), "generation.max_constraints": _at_least(1),
+    "generation.constraint_samples": _at_least(1),
+    "filter.min_instruction_words": _at_least(0), "filter.min_response_words": _at_least(0),
+    "filter.max_instruction_words": _at_least(1), "filter.max_response_words": _at_least(1),
+    "filter.max_non_ascii_ratio": _between(0, 1, False, False),
+    "filter.max_repeated_ngram_ratio": _between(0, 1, False, False),
+    "filter.near_duplicate_threshold": _between(0, 1, hi_open=False), "filter.target_count": _at_least(1),
+    "filter.val_fraction": _between(0, 1),
+    "preference.max_prompts": _at_least(1), "preference.top_p": _between(0, 1, hi_open=False),
+    "preference.max_new_tokens": _at_least(1), "preference.batch_size": _at_least(1),
+    "preference.min_margin": _at_least(0), "preference.val_fraction": _between(0, 1),
+    "preference.chunk_size": _at_least(1), "preference.candidate_source": _one_of("teacher", "sft"),
+    "lora.r": _at_least(1), "lora.alpha": _above(0), "lora.dropout": _between(0, 1, lo_open=False),
+    "prompt_tuning.num_virtual_tokens": _at_least(1), "prompt_tuning.init": _one_of("text", "random"),
+    "dpo.beta": _above(0),
+    "*.epochs": _above(0), "*.learning_rate": _above(0), "*.batch_size": _at_least(1),
+    "*.gradient_accumulation": _at_least(1), "*.warmup_ratio": _between(0, 1, lo_open=False),
+    "*.max_steps": _STEPS, "*.logging_steps": _at_least(1), "*.save_steps": _at_least(1),
+    "*.eval_steps": _at_least(1),
+    "evaluation.benchmark_items": _at_least(0), "evaluation.max_new_tokens": _at_least(1),
+    "evaluation.batch_size": _at_least(1), "evaluation.agent_episodes": _at_least(0),
+    "evaluation.agent_max_turns": _at_least(1), "evaluation.agent_max_new_tokens": _at_least(1),
+    "evaluation.lm_eval_limit": _at_least(0),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Values of the right type but outside what the stages can use fail here, naming the key and the range."""
+    for pattern, (ok, allowed) in RANGES.items():
+        keys = [pattern.replace("*", s, 1) for s in _TRAINING] if pattern.startswith("*") else [pattern]
+        for key in keys:
+            section, _, leaf = key.rpartition(".")
+            value = getattr(getattr(cfg, section) if section else cfg, leaf)
+            if not ok(value):
+                raise ConfigError(f"config key '{key}': {value!r} is out of range (allowed: {allowed})")
+    temps = cfg.preference.temperatures
+    if not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
+        raise ConfigError(f"config key 'preference.temperatures': {temps!r} (allowed: a non-empty list of numbers > 0)")
+    for kind in ("instruction", "response"):
+        lo, hi = getattr(cfg.filter, f"min_{kind}_words"), getattr(cfg.filter, f"max_{kind}_words")
+        if lo > hi:
+            raise ConfigError(f"config keys 'filter.min_{kind}_words' ({lo}) and 'filter.max_{kind}_words' ({hi}): "
+                              "the minimum must not exceed the maximum")
 
 
 def parse_value(text: str) -> Any:

@@ -1,18 +1,34 @@
-"""Run the notebook series in order with papermill; executed copies go to runs/<timestamp>/."""
+"""Run stage notebooks with papermill: executed copies and logs under runs/<timestamp>/, output streamed live."""
 from __future__ import annotations
 
+import json
+import os
+import re
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 from .config import REPO_ROOT
+from .errors import PipelineError, SitError
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 STAGES = ["01", "02", "03", "04", "05", "05b", "06", "07", "08", "09"]
+# environment variable naming the file the kernel writes a user error's class to (see load_ipython_extension)
+ERROR_FILE_ENV = "SIT_ERROR_FILE"
+# values of these variables are replaced by *** in the streamed output and the log
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "WANDB_API_KEY")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class PipelineError(RuntimeError):
-    pass
+class NotebookFailed(Exception):
+    """A notebook raised something that is not the user's mistake: carries its traceback (not a SitError, so
+    the CLI shows it in full)."""
+
+    def __init__(self, message: str, traceback: str):
+        super().__init__(message)
+        self.traceback = traceback
 
 
 def notebook_for(stage: str) -> Path:
@@ -45,24 +61,109 @@ def build_parameters(profile: str, output_dir: Path, config_path: Optional[str],
     return out
 
 
-def run_pipeline(stages: list[str], output_dir: Path, profile: str = "auto", config_path: Optional[str] = None,
-                 params: Optional[dict] = None, log=print) -> Path:
+class _Tee:
+    """stdout_file for papermill: each chunk of cell output goes to the terminal and the log, secrets masked."""
+
+    def __init__(self, log, stream):
+        self.log, self.stream = log, stream
+        self.secrets = [v for v in (os.environ.get(k) for k in SECRET_ENV) if v and len(v) >= 4]
+
+    def write(self, text: str) -> None:
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        self.stream.write(text)
+        self.log.write(_ANSI.sub("", text))
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+
+def load_ipython_extension(ip) -> None:
+    """Loaded into each kernel this runner starts: when a cell raises a SitError, record its class in
+    $SIT_ERROR_FILE. The kernel only reports the bare class name, and torch has an OutOfMemoryError too."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+
+    def record(shell, etype, value, tb, tb_offset=None):
+        Path(path).write_text(json.dumps({"class": f"{etype.__module__}.{etype.__qualname__}", "message": str(value)}))
+        shell.showtraceback((etype, value, tb), tb_offset=tb_offset)   # shown in the notebook as usual
+
+    ip.set_custom_exc((SitError,), record)
+
+
+def _cell_name(target: Path, exec_count: int) -> str:
+    """'cell N (`first line`)', N counted in the notebook as stored: papermill's injected parameters cell and
+    its error banner are not counted."""
+    import nbformat
+
+    added = {"injected-parameters", "papermill-error-cell-tag"}
+    cells = [c for c in nbformat.read(str(target), as_version=4).cells
+             if not added & set(c.metadata.get("tags", []))]
+    n, cell = next((i, c) for i, c in enumerate(cells, 1) if c.get("execution_count") == exec_count)
+    first = next((ln.strip() for ln in cell.source.splitlines() if ln.strip()), "")
+    return f"cell {n} (`{first[:60]}`)"
+
+
+def _failure(nb: Path, target: Path, log_path: Path, err, error_file: Path) -> Exception:
+    try:
+        cell = _cell_name(target, err.exec_count)
+    except Exception:   # the executed copy unreadable: the kernel's count still locates the cell
+        cell = f"cell [{err.exec_count}]"
+    if error_file.exists():
+        # the user's mistake (bad input, missing prerequisite, no memory): one line, as the notebook said it
+        return PipelineError(f"{nb.name}, {cell}: {err.evalue}")
+    tb = _ANSI.sub("", "\n".join(err.traceback))
+    return NotebookFailed(f"{nb.name} failed in {cell}: {err.ename}: {err.evalue}\n"
+                          f"executed copy: {target}\nlog: {log_path}", tb)
+
+
+def run_notebook(stage: str, run_dir: Path, parameters: dict, stream=None) -> Path:
+    """Execute one stage's notebook into run_dir (copy + .log); raise PipelineError / NotebookFailed."""
     import papermill as pm
 
-    output_dir = Path(output_dir).resolve()
-    run_dir = output_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    parameters = build_parameters(profile, output_dir, config_path, params or {})
-    for stage in stages:
-        nb = notebook_for(stage)
-        target = run_dir / nb.name
-        log(f"[{stage}] {nb.name} → {target}")
-        t = time.perf_counter()
+    stream = stream or sys.stdout
+    nb = notebook_for(stage)
+    target, log_path = run_dir / nb.name, run_dir / f"{nb.stem}.log"
+    with tempfile.TemporaryDirectory(prefix="sit-kernel-") as tmp, open(log_path, "a", encoding="utf-8") as log:
+        error_file = Path(tmp) / "error.json"
+        os.environ[ERROR_FILE_ENV] = str(error_file)   # inherited by the kernel started below
+        tee = _Tee(log, stream)
         try:
             pm.execute_notebook(str(nb), str(target), parameters=parameters, kernel_name="python3",
-                                cwd=str(REPO_ROOT), progress_bar=False, log_output=False)
+                                cwd=str(REPO_ROOT), progress_bar=False, log_output=False,
+                                stdout_file=tee, stderr_file=tee,
+                                extra_arguments=["--IPKernelApp.extensions=sitlib.pipeline"])
         except pm.PapermillExecutionError as e:
-            raise PipelineError(f"{nb.name} failed in cell {e.exec_count} (code cell index {e.cell_index}): "
-                                f"{e.ename}: {e.evalue}\nexecuted copy: {target}") from None
-        log(f"[{stage}] done in {time.perf_counter() - t:.0f} s")
+            raise _failure(nb, target, log_path, e, error_file) from None
+        finally:
+            os.environ.pop(ERROR_FILE_ENV, None)
+    return target
+
+
+def new_run_dir(output_dir: Path) -> Path:
+    base = Path(output_dir).resolve() / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base, 1
+    while run_dir.exists():   # two runs in one second (a rerun after a quick failure) keep both copies
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run_pipeline(stages: list[str], output_dir: Path, profile: str = "auto", config_path: Optional[str] = None,
+                 params: Optional[dict] = None, log=print) -> Path:
+    """Run the stages' notebooks in order while holding the output tree's lock; returns the run folder."""
+    from .lock import hold
+
+    output_dir = Path(output_dir).resolve()
+    with hold(output_dir):
+        run_dir = new_run_dir(output_dir)
+        parameters = build_parameters(profile, output_dir, config_path, params or {})
+        for stage in stages:
+            log(f"[{stage}] {notebook_for(stage).name} → {run_dir}")
+            t = time.perf_counter()
+            run_notebook(stage, run_dir, parameters)
+            log(f"[{stage}] done in {time.perf_counter() - t:.0f} s")
     return run_dir

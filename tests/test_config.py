@@ -101,3 +101,28 @@ def test_error_types_are_the_projects():
     from sitlib import artifacts, config, errors
 
     assert config.ConfigError is errors.ConfigError and artifacts.MissingInputError is errors.MissingInputError
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("lora.r", 0, "≥ 1"), ("sft.learning_rate", 0, "> 0"), ("dpo.learning_rate", -1e-6, "> 0"),
+    ("prompt_tuning.learning_rate", 0.0, "> 0"), ("filter.val_fraction", 1.0, "in (0, 1)"),
+    ("preference.val_fraction", 0, "in (0, 1)"), ("models.max_seq_length", 15, "≥ 16"),
+    ("sft.batch_size", 0, "≥ 1"), ("dpo.gradient_accumulation", 0, "≥ 1"), ("sft.max_steps", 0, "-1"),
+    ("models.scorer", "rm", "one of 'reward_model', 'offline'"), ("generation.response_top_p", 1.5, "in (0, 1]"),
+])
+def test_out_of_range_values_name_key_and_range(key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, None, {key: value})
+    msg = str(err.value)
+    assert f"config key '{key}'" in msg and allowed in msg and "\n" not in msg
+
+
+def test_boundaries_that_are_allowed():
+    cfg = load_config(None, None, {"lora.r": 1, "models.max_seq_length": 16, "filter.val_fraction": 0.5,
+                                   "sft.max_steps": -1, "dpo.max_steps": 3})
+    assert cfg.lora.r == 1 and cfg.models.max_seq_length == 16
+
+
+def test_min_above_max_words_is_rejected():
+    with pytest.raises(ConfigError, match="filter.min_response_words.*must not exceed"):
+        load_config(None, None, {"filter.min_response_words": 50, "filter.max_response_words": 10})
