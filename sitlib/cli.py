@@ -134,8 +134,8 @@ def filter_jsonl(args) -> int:
             try:
                 row_texts(row)
             except (KeyError, TypeError) as e:
-                raise BadInputError(f"{inp}:{n}: {str(e).strip(chr(39))} "
-                                    '(expected {"instruction": ..., "response": ...})') from None
+                # row_texts says what it needs (instruction/response or prompt/completion)
+                raise BadInputError(f"{inp}:{n}: {e.args[0] if e.args else e}") from None
             rows.append(row)
         except BadInputError as e:
             if not args.skip_bad_rows:
