@@ -1,0 +1,215 @@
+"""Several processes on CPU: DDP (gloo) training matches one process, sharded generation matches unsharded,
+batch bookkeeping, checkpoints of 2 processes resume in 1. Run as a script, this file is the training driver
+that `accelerate launch` starts in each process."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sitlib import distributed as dist
+from sitlib.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ["sea", "poem", "capital", "France", "answer", "numbers", "photosynthesis", "list"]
+
+
+# ---------------------------------------------------------------- batch bookkeeping and world facts
+
+@pytest.mark.parametrize("batch,accum,world,expected", [
+    (4, 4, 1, 4), (4, 4, 2, 2), (4, 4, 4, 1), (12, 2, 2, 1), (2, 8, 8, 1), (1, 6, 3, 2)])
+def test_accumulation_keeps_the_effective_batch(batch, accum, world, expected):
+    got, line = dist.accumulation_for_world(batch, accum, world)
+    assert got == expected and batch * got * world == batch * accum
+    assert f"{batch * accum}" in line and (world == 1 or f"{accum} → {expected}" in line)
+
+
+def test_accumulation_that_cannot_split_names_a_fix():
+    with pytest.raises(ConfigError, match=r"gradient_accumulation=3 cannot be split over 2 processes") as e:
+        dist.accumulation_for_world(4, 3, 2)
+    assert "batch_size=3 with gradient_accumulation=4 keeps it" in str(e.value)   # 3 × 2 × 2 = 12 = 4 × 3
+    with pytest.raises(ConfigError, match="effective batch 1 .*: choose a gradient_accumulation that is a multiple of 2$"):
+        dist.accumulation_for_world(1, 1, 2)                               # effective batch 1: no split at all
+    with pytest.raises(ConfigError, match="world size=0"):
+        dist.accumulation_for_world(4, 2, 0)
+
+
+def test_for_world_changes_only_what_the_world_needs(capsys):
+    args = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "learning_rate": 2e-4}
+    assert dist.for_world(args, 1) == args
+    two = dist.for_world(args, 2)
+    assert two == {**args, "gradient_accumulation_steps": 2, "ddp_find_unused_parameters": False}
+    assert args["gradient_accumulation_steps"] == 4                        # the caller's dict is not changed
+    assert "effective batch stays 16" in capsys.readouterr().out
+
+
+def test_world_from_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert dist.world() == dist.World(0, 1, 0) and dist.is_main_process()
+    write = dist.main_process_only(lambda: "written")
+    assert write() == "written"
+    monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("WORLD_SIZE", "4"), monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist.world() == dist.World(3, 4, 1) and not dist.is_main_process() and write() is None
+    assert dist.device_map_for_load() == {"": 1}
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert dist.device_map_for_load() is None
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError, match="RANK=4 WORLD_SIZE=4"):
+        dist.world()
+
+
+def test_shard_and_merge_are_inverse():
+    for n in range(0, 11):
+        for w in range(1, 5):
+            items = list(range(n))
+            parts = [dist.shard(items, r, w) for r in range(w)]
+            assert sorted(x for p in parts for x in p) == items and max(map(len, parts)) - min(map(len, parts)) <= 1
+            assert dist.merge(parts) == items
+    with pytest.raises(Exception, match="shard 0 of 2 holds 0 results, expected 1"):
+        dist.merge([[], [0]])
+    assert dist.chunks(3, 10, 4) == [{"id": 3, "n": 4}, {"id": 7, "n": 3}]
+
+
+# ---------------------------------------------------------------- data-parallel generation
+
+def magpie_process(cfg, tok, model):
+    """make_process for ModelWorker: Magpie chunks of rows, seeded by their first row id (module-level: spawned
+    workers import it)."""
+    from sitlib.generation import BlockFirstTokens
+    from sitlib.magpie import generate_chunk
+
+    processors = [BlockFirstTokens.markdown_headers(tok)]
+    return lambda item: generate_chunk(model, tok, cfg, item["id"], item["n"], "tiny", processors)
+
+
+@pytest.mark.slow
+def test_sharded_generation_gives_the_rows_of_one_process_and_resumes(tiny_model_dir, tmp_path):
+    import functools
+
+    from sitlib.config import GenerationConfig
+    from sitlib.hardware import PROFILES
+
+    cfg = GenerationConfig(num_instructions=12, chunk_size=3, batch_size=3, instruction_max_new_tokens=8,
+                           response_max_new_tokens=8)
+    worker = dist.ModelWorker(str(tiny_model_dir), PROFILES["cpu"], functools.partial(magpie_process, cfg))
+    work = dist.chunks(0, cfg.num_instructions, cfg.chunk_size)
+    one = dist.generate_data_parallel(worker, work, ["cpu"])
+    # a run killed after two chunks on one process, finished on two processes from the same results folder
+    folder = tmp_path / "shards"
+    dist.generate_data_parallel(worker, work[:2], ["cpu"], folder)
+    two = dist.generate_data_parallel(worker, work, ["cpu", "cpu"], folder)
+    rows = [r for chunk in two for r in chunk]
+    assert [r["id"] for r in rows] == list(range(12))
+    assert two == one
+    assert len({r["instruction"] for r in rows}) > 1        # sampled rows, not one text repeated
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-000-of-001.jsonl", "shard-000-of-002.jsonl",
+                                                        "shard-001-of-002.jsonl"]
+
+
+# ---------------------------------------------------------------- DDP training (driver below)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(model_dir: Path, out: Path, processes: int, max_steps: int, resume: bool = False) -> dict:
+    script = [str(Path(__file__)), "--model", str(model_dir), "--out", str(out), "--max-steps", str(max_steps)] + \
+        (["--resume"] if resume else [])
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    if processes == 1:
+        cmd = [sys.executable] + script
+    else:   # the shipped DDP config, on CPU: accelerate starts torchrun, the Trainer picks gloo
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", str(processes),
+               "--main_process_port", str(_free_port()), "--dynamo_backend", "no"] + script
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    result["stdout"] = done.stdout
+    return result
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_and_resumes_on_one(tiny_model_dir, tmp_path):
+    one = _run(tiny_model_dir, tmp_path / "one", 1, max_steps=4)
+    two = _run(tiny_model_dir, tmp_path / "two", 2, max_steps=4)
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert (one["accumulation"], two["accumulation"]) == (2, 1)
+    assert "2 processes: gradient_accumulation 2 → 1 per process, effective batch stays 4" in two["stdout"]
+    assert one["global_step"] == two["global_step"] == 4
+    assert len(one["losses"]) == len(two["losses"]) == 4
+    for a, b in zip(one["losses"], two["losses"]):
+        assert abs(a - b) <= 0.05 * abs(a), (one["losses"], two["losses"])
+    assert one["losses"][-1] < one["losses"][0]                  # it trained
+    assert [p.name for p in sorted((tmp_path / "two").glob("rank-*.txt"))] == ["rank-0.txt"]   # rank 0 wrote
+
+    # checkpoints of the 2-process run resume in one process: drop the last, continue from checkpoint-2
+    import shutil
+
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "checkpoint-4")
+    resumed = _run(tiny_model_dir, tmp_path / "two", 1, max_steps=4, resume=True)
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
+    assert [s for s, _ in resumed["steps"]] == [1, 2, 3, 4]      # steps 1-2 come from the checkpoint's state
+    for (_, a), (_, b) in zip(resumed["steps"][2:], two["steps"][2:]):
+        assert abs(a - b) <= 0.05 * abs(b), (resumed["steps"], two["steps"])
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"Write a short poem about the {WORDS[i % 8]}."}],
+             "completion": [{"role": "assistant", "content": f"The answer is {WORDS[(i + 3) % 8]} and {WORDS[i % 5]}."}]}
+            for i in range(n)]
+
+
+def _train(model_dir: str, out: Path, max_steps: int, resume: bool) -> None:
+    """SFT with LoRA on every launched process; configured batch 2 × accumulation 2 (effective batch 4)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from sitlib.artifacts import write_json, write_text
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = "<|endoftext|>"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ckpt = out / "checkpoints"
+    kwargs = dist.for_world({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})
+    args = SFTConfig(output_dir=str(ckpt), max_steps=max_steps, learning_rate=2e-2, lr_scheduler_type="constant",
+                     logging_steps=1, save_strategy="steps", save_steps=2, use_cpu=True, bf16=False,
+                     gradient_checkpointing=False, report_to="none", seed=0, dataloader_num_workers=0,
+                     max_length=64, completion_only_loss=True, save_only_model=False, **kwargs)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(16)), processing_class=tok,
+                         peft_config=lora)
+    last = get_last_checkpoint(str(ckpt)) if resume else None
+    trainer.train(resume_from_checkpoint=last)
+    result = {"world_size": dist.world().size, "accumulation": args.gradient_accumulation_steps,
+              "global_step": trainer.state.global_step, "resumed_from": last,
+              "steps": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]}
+    result["losses"] = [loss for _, loss in result["steps"]]
+    dist.main_process_only(write_json)(out / "result.json", result)
+    dist.main_process_only(write_text)(out / f"rank-{dist.world().rank}.txt", "written\n")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args()
+    _train(a.model, a.out, a.max_steps, a.resume)
