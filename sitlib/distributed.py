@@ -331,11 +331,16 @@ class ModelWorker:
         return self.make_process(tok, model)
 
 
-def chunks(start: int, total: int, chunk_size: int) -> list[dict]:
-    """Work items {"id": first row id, "n": rows} covering rows start..total-1, as a one-GPU loop cuts them."""
+def chunks(ids: Sequence[int], chunk_size: int) -> list[dict]:
+    """Work items {"id": first row id, "ids": [...]} of chunk_size row ids each, e.g. the ids a stage still lacks.
+
+    A chunk is the unit of randomness: seed its sampling by its "id", and it gives the same rows on any device
+    and with any number of devices (a one-device data-parallel run included).
+    """
     if chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size}: expected a positive integer")
-    return [{"id": s, "n": min(chunk_size, total - s)} for s in range(start, total, chunk_size)]
+    ids = list(ids)
+    return [{"id": ids[s], "ids": ids[s:s + chunk_size]} for s in range(0, len(ids), chunk_size)]
 
 
 # ---------------------------------------------------------------- notebooks

@@ -73,32 +73,32 @@ def test_shard_and_merge_are_inverse():
             assert dist.merge(parts) == items
     with pytest.raises(Exception, match="shard 0 of 2 holds 0 results, expected 1"):
         dist.merge([[], [0]])
-    assert dist.chunks(3, 10, 4) == [{"id": 3, "n": 4}, {"id": 7, "n": 3}]
+    assert dist.chunks([3, 4, 5, 6, 9, 12], 4) == [{"id": 3, "ids": [3, 4, 5, 6]}, {"id": 9, "ids": [9, 12]}]
 
 
 # ---------------------------------------------------------------- data-parallel generation
 
-def magpie_process(cfg, tok, model):
-    """make_process for ModelWorker: Magpie chunks of rows, seeded by their first row id (module-level: spawned
-    workers import it)."""
-    from sitlib.generation import BlockFirstTokens
-    from sitlib.magpie import generate_chunk
+def sample_process(tok, model):
+    """make_process for ModelWorker: sampled answers for a chunk of row ids, seeded by the chunk's id
+    (module-level: spawned workers import it)."""
+    import torch
 
-    processors = [BlockFirstTokens.markdown_headers(tok)]
-    return lambda item: generate_chunk(model, tok, cfg, item["id"], item["n"], "tiny", processors)
+    from sitlib.generation import Sampling, chat_input_ids, generate
+
+    def run(item):
+        torch.manual_seed(item["id"])
+        convs = [[{"role": "user", "content": f"Tell me about the {WORDS[i % 8]}, number {i}."}] for i in item["ids"]]
+        outs = generate(model, tok, chat_input_ids(tok, convs), Sampling(8, 1.0, 1.0), 3)
+        return [{"id": i, "text": o.text, "tokens": o.n_tokens} for i, o in zip(item["ids"], outs)]
+    return run
 
 
 @pytest.mark.slow
 def test_sharded_generation_gives_the_rows_of_one_process_and_resumes(tiny_model_dir, tmp_path):
-    import functools
-
-    from sitlib.config import GenerationConfig
     from sitlib.hardware import PROFILES
 
-    cfg = GenerationConfig(num_instructions=12, chunk_size=3, batch_size=3, instruction_max_new_tokens=8,
-                           response_max_new_tokens=8)
-    worker = dist.ModelWorker(str(tiny_model_dir), PROFILES["cpu"], functools.partial(magpie_process, cfg))
-    work = dist.chunks(0, cfg.num_instructions, cfg.chunk_size)
+    worker = dist.ModelWorker(str(tiny_model_dir), PROFILES["cpu"], sample_process)
+    work = dist.chunks(range(12), 3)
     one = dist.generate_data_parallel(worker, work, ["cpu"])
     # a run killed after two chunks on one process, finished on two processes from the same results folder
     folder = tmp_path / "shards"
@@ -107,7 +107,7 @@ def test_sharded_generation_gives_the_rows_of_one_process_and_resumes(tiny_model
     rows = [r for chunk in two for r in chunk]
     assert [r["id"] for r in rows] == list(range(12))
     assert two == one
-    assert len({r["instruction"] for r in rows}) > 1        # sampled rows, not one text repeated
+    assert len({r["text"] for r in rows}) > 1        # sampled rows, not one text repeated
     assert sorted(p.name for p in folder.iterdir()) == ["shard-000-of-001.jsonl", "shard-000-of-002.jsonl",
                                                         "shard-001-of-002.jsonl"]
 
