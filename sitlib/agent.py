@@ -10,11 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .artifacts import write_json, write_jsonl
-from .checks import last_number
-from .figures import grouped_bars
+from .checks import numbers
 from .generation import Sampling, generate
-from .variants import check_variants, iter_variants
 
 # ---------------------------------------------------------------- simulated tools
 
@@ -221,13 +218,15 @@ EPISODES = [
 
 
 def answer_correct(answer: Optional[str], expected: str) -> bool:
-    """Numbers within 0.1% (or 0.01), dates and names as whole, case-insensitive matches."""
+    """Numbers within 0.1% (or 0.01), dates and names as whole, case-insensitive matches.
+
+    A numeric answer is the first number of the reply ("ANSWER: 45 days between 2023-01-15 and 2023-03-01") or its
+    last ("347 * 29 = 10063"); dates and ranges are not read as negative numbers."""
     if not answer:
         return False
     if re.fullmatch(r"-?\d+(?:\.\d+)?", expected):
-        got = last_number(answer)
-        want = float(expected)
-        return got is not None and abs(got - want) <= max(0.01, abs(want) * 1e-3)
+        found, want = numbers(answer), float(expected)
+        return any(abs(got - want) <= max(0.01, abs(want) * 1e-3) for got in found[:1] + found[-1:])
     return re.search(rf"(?<![\w-]){re.escape(expected)}(?![\w-])", answer, re.I) is not None
 
 
@@ -306,21 +305,85 @@ def summarise(transcripts: list[dict]) -> dict:
             "mean_turns": round(sum(tr["n_turns"] for tr in transcripts) / n, 3), "n_episodes": n}
 
 
-def run_agent_eval(session) -> dict:
-    """08: every variant plays the same episodes; transcripts, agent_results.json and a figure."""
+def tool_note(summary: dict) -> str:
+    """The words 08 prints next to a variant's score: a success rate means little when no tool was ever called."""
+    if summary["tool_calls"] == 0:
+        return (f"never called a tool in {summary['n_episodes']} episodes: every success is an answer given "
+                "without the tool's result")
+    if summary["valid_tool_calls"] == 0:
+        return f"tried {summary['tool_calls']} tool calls, none valid: no tool ever ran"
+    return f"{summary['valid_tool_calls']} of {summary['tool_calls']} tool calls valid"
+
+
+def outcome(transcript: dict) -> str:
+    """solved | wrong answer | no answer (turns ran out) — with or without a valid tool call."""
+    used = any(t["kind"] == "call" for t in transcript["turns"])
+    kind = "solved" if transcript["success"] else ("wrong answer" if transcript["answer"] is not None else "no answer")
+    return f"{kind}, {'with' if used else 'without'} a tool call"
+
+
+def one_per_outcome(rows: list[dict]) -> dict[str, dict]:
+    """The first transcript of each outcome over all variants, for reading."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        out.setdefault(outcome(r), r)
+    return out
+
+
+def format_transcript(tr: dict) -> str:
+    lines = [f"[{tr.get('model', '?')}] {tr['episode_id']}: {tr['question']}  (expected {tr['expected']}, "
+             f"tool {tr['tool_expected']})"]
+    for i, t in enumerate(tr["turns"], 1):
+        lines.append(f"  turn {i} model: {t['output'].strip()[:300]}")
+        if t["kind"] != "answer":
+            lines.append(f"  turn {i} {t['kind']}: " + (t.get("error") or "") + f" → {t.get('result', '')}")
+    lines.append(f"  answer: {tr['answer']!r} → {'correct' if tr['success'] else 'not correct'}")
+    return "\n".join(lines)
+
+
+def protocol_of(tok) -> str:
+    return "chat template tools" if uses_template_tools(tok) else "JSON protocol (docs/evaluation.md)"
+
+
+# ---------------------------------------------------------------- 08's per-variant results
+
+def run_key(session, episodes: list[dict], fresh: dict) -> dict:
+    """What a variant's transcripts depend on: a rerun reuses them only when all of it is the same."""
+    ev = session.config.evaluation
+    return {"episodes": [e["id"] for e in episodes], "max_turns": ev.agent_max_turns,
+            "max_new_tokens": ev.agent_max_new_tokens, "student": session.config.models.student,
+            "adapter_fingerprint": fresh.get("fingerprint")}
+
+
+def play(session, name: str, model, tok, episodes: list[dict], key: dict) -> dict:
+    """One variant's episodes, saved atomically (evaluation/results/agent/<variant>.json) so a rerun skips it."""
+    from .benchmark import save_variant
+
+    ev = session.config.evaluation
+    trs = run_episodes(model, tok, episodes, ev.agent_max_turns, ev.agent_max_new_tokens, ev.batch_size)
+    rows = [{"model": name, **t} for t in trs]
+    return save_variant(session, name, key, rows, "agent", {**summarise(trs), "protocol": protocol_of(tok)})
+
+
+def write_results(session, done: dict[str, dict], episodes: list[dict]) -> dict:
+    """evaluation/results/agent_results.json (read by 09) with each variant's note, and the figure."""
+    from .artifacts import write_json
+    from .comparison import grouped_bars_marked
+
     ev, p = session.config.evaluation, session.paths
-    check_variants(session, ev.variants)
-    episodes = select_episodes(ev.agent_episodes, session.config.seed)
-    rows, models = [], {}
-    for name, model, tok in iter_variants(session, ev.variants):
-        trs = run_episodes(model, tok, episodes, ev.agent_max_turns, ev.agent_max_new_tokens, ev.batch_size)
-        rows += [{"model": name, **t} for t in trs]
-        models[name] = summarise(trs)
-    write_jsonl(p.evaluation_results / "agent_transcripts.jsonl", rows)
+    models = {n: {**d["summary"], "note": tool_note(d["summary"])} for n, d in done.items()}
     results = {"models": models, "episodes": [e["id"] for e in episodes], "max_turns": ev.agent_max_turns,
-               "protocol": "chat template tools" if uses_template_tools(tok) else "JSON protocol (docs/evaluation.md)"}
+               "protocol": next(iter(models.values())).get("protocol")}
     write_json(p.evaluation_results / "agent_results.json", results)
-    grouped_bars({m: {k: r[k] or 0.0 for k in ("success_rate", "valid_call_rate", "tool_use_rate")}
-                  for m, r in models.items()}, p.evaluation_figures / "agent_results.png",
-                 "Agent episodes", "rate")
+    grouped_bars_marked({n: {k: m[k] for k in ("success_rate", "valid_call_rate", "tool_use_rate")}
+                         for n, m in models.items()}, p.evaluation_figures / "agent_results.png",
+                        f"Agent episodes ({len(episodes)})", "rate")
     return results
+
+
+def score_table(results: dict):
+    """Variants × (success, tool use, valid calls, note): the note says in words when no tool was used."""
+    import pandas as pd
+
+    cols = ["success_rate", "tool_use_rate", "valid_call_rate", "tool_calls", "mean_turns", "note"]
+    return pd.DataFrame({n: {c: m[c] for c in cols} for n, m in results["models"].items()}).T

@@ -1,23 +1,37 @@
-"""Stage 07: the built-in verifiable benchmark — instruction-following and exact-answer items scored by code."""
+"""Stage 07's building blocks: the built-in verifiable suite (IFEval instructions and exact-answer items scored by
+code), per-variant generation that resumes, summaries, failed items, and IFEval's official prompts when the Hub is
+reachable."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
-from .artifacts import write_json, write_jsonl
-from .checks import run_check
-from .figures import grouped_bars
-from .generation import Sampling, chat_input_ids, generate
-from .variants import check_variants, iter_variants
+from .artifacts import jsonl_lines, parse_jsonl_line, read_json, write_json
+from .checks import ANSWER_TYPES, run_check
+from .errors import BadInputError
 
 SUITE = Path(__file__).parent / "data" / "benchmark.jsonl"
+OFFICIAL_DATASET = "google/IFEval"
+
+
+def _valid(item: dict, path: Path, n: int) -> dict:
+    from .checks import INSTRUCTION_DICT
+
+    for c in item["checks"] if isinstance(item.get("checks"), list) and item["checks"] else [None]:
+        if not isinstance(c, dict) or (c.get("type") not in INSTRUCTION_DICT and c.get("type") not in ANSWER_TYPES):
+            raise BadInputError(f"{path}, line {n}: each check needs a 'type' (an IFEval instruction id or one of "
+                                f"{', '.join(ANSWER_TYPES)}); got {c!r}")
+    return item
 
 
 def load_suite(n_items: int = 0, seed: int = 42, path: Path = SUITE) -> list[dict]:
     """The whole suite, or a seeded subset of n_items that keeps every category represented where possible."""
-    items = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    fields = ("id", "category", "prompt", "checks")
+    items = [_valid(parse_jsonl_line(path, n, line, fields), Path(path), n) for n, line in jsonl_lines(path)]
     if not n_items or n_items >= len(items):
         return items
     rng = random.Random(seed)
@@ -35,24 +49,170 @@ def load_suite(n_items: int = 0, seed: int = 42, path: Path = SUITE) -> list[dic
 
 
 def score_output(item: dict, text: str) -> dict:
-    results = {c["type"]: run_check(c, text) for c in item["checks"]}
-    return {"checks": results, "passed": all(results.values())}
+    """Every check of the item, in order (two checks of one type are two results), and whether all passed."""
+    results = [{"type": c["type"], "passed": run_check(c, text, item["prompt"])} for c in item["checks"]]
+    return {"checks": results, "passed": all(r["passed"] for r in results)}
 
 
 def summarise(rows: list[dict]) -> dict:
     """Accuracies as exact means of the per-row results."""
     n = len(rows)
-    checks = [v for r in rows for v in r["checks"].values()]
-    cats = defaultdict(list)
+    checks = [c for r in rows for c in r["checks"]]
+    cats, types = defaultdict(list), defaultdict(list)
     for r in rows:
         cats[r["category"]].append(r["passed"])
+    for c in checks:
+        types[c["type"]].append(c["passed"])
     return {"prompt_level_accuracy": round(sum(r["passed"] for r in rows) / n, 4),
-            "instruction_level_accuracy": round(sum(checks) / len(checks), 4),
+            "instruction_level_accuracy": round(sum(c["passed"] for c in checks) / len(checks), 4),
             "eos_stop_rate": round(sum(r["stopped_on_eos"] for r in rows) / n, 4),
             "mean_output_tokens": round(sum(r["output_tokens"] for r in rows) / n, 2),
             "n_prompts": n, "n_checks": len(checks),
-            "per_category": {c: round(sum(v) / len(v), 4) for c, v in sorted(cats.items())}}
+            "per_category": {c: round(sum(v) / len(v), 4) for c, v in sorted(cats.items())},
+            "per_instruction": {t: round(sum(v) / len(v), 4) for t, v in sorted(types.items())}}
 
+
+# ---------------------------------------------------------------- per-variant results that resume
+
+def run_key(session, items: list[dict], fresh: dict) -> dict:
+    """What a variant's results depend on: a rerun reuses them only when all of it is the same."""
+    ev = session.config.evaluation
+    suite = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+    return {"suite": suite, "max_new_tokens": ev.max_new_tokens, "student": session.config.models.student,
+            "adapter_fingerprint": fresh.get("fingerprint")}
+
+
+def variant_file(session, name: str, kind: str = "benchmark") -> Path:
+    return session.paths.evaluation_results / kind / f"{name}.json"
+
+
+def finished(session, name: str, key: dict, kind: str = "benchmark") -> Optional[dict]:
+    """The saved results of `name` when they were made with the same key, else None."""
+    f = variant_file(session, name, kind)
+    if f.exists():
+        saved = read_json(f)
+        if saved.get("key") == key:
+            return saved
+    return None
+
+
+def generate_rows(session, name: str, model, tok, items: list[dict]) -> list[dict]:
+    """Greedy answers of one variant to every item, each scored."""
+    from .generation import Sampling, chat_input_ids, generate
+
+    ev = session.config.evaluation
+    inputs = chat_input_ids(tok, [[{"role": "user", "content": it["prompt"]}] for it in items])
+    outs = generate(model, tok, inputs, Sampling.greedy(ev.max_new_tokens), ev.batch_size, desc=f"07 {name}")
+    return [{"model": name, "prompt_id": it["id"], "category": it["category"], "prompt": it["prompt"],
+             "output": o.text, "output_tokens": o.n_tokens, "stopped_on_eos": o.ended, **score_output(it, o.text)}
+            for it, o in zip(items, outs)]
+
+
+def run_variant(session, name: str, model, tok, items: list[dict], key: dict) -> dict:
+    """One variant answers every item; rows and summary saved at once (a rerun skips a saved variant)."""
+    return save_variant(session, name, key, generate_rows(session, name, model, tok, items))
+
+
+def save_variant(session, name: str, key: dict, rows: list[dict], kind: str = "benchmark", summary=None) -> dict:
+    """One variant's rows and summary, written atomically: a kill leaves either the old file or the new one."""
+    out = {"variant": name, "key": key, "summary": summary or summarise(rows), "rows": rows}
+    write_json(variant_file(session, name, kind), out)
+    return out
+
+
+def failed_items(rows: list[dict], k: int = 3) -> list[dict]:
+    """Up to k failed items per variant, with the checks that failed."""
+    out, seen = [], defaultdict(int)
+    for r in rows:
+        if not r["passed"] and seen[r["model"]] < k:
+            seen[r["model"]] += 1
+            out.append({"variant": r["model"], "id": r["prompt_id"], "prompt": r["prompt"], "output": r["output"],
+                        "failed": [c["type"] for c in r["checks"] if not c["passed"]]})
+    return out
+
+
+def write_results(session, done: dict[str, dict], items: list[dict], official: dict, lm_eval: dict) -> dict:
+    """evaluation/results/benchmark_results.json (read by 09) and the per-category figure, from the per-variant
+    results."""
+    from .comparison import grouped_bars_marked
+
+    ev, p = session.config.evaluation, session.paths
+    results = {"models": {n: d["summary"] for n, d in done.items()}, "suite": SUITE.name,
+               "items": [it["id"] for it in items], "max_new_tokens": ev.max_new_tokens, "decoding": "greedy",
+               "profile": session.profile.name, "official_ifeval": official, "lm_eval": lm_eval}
+    write_json(p.evaluation_results / "benchmark_results.json", results)
+    grouped_bars_marked({n: d["summary"]["per_category"] for n, d in done.items()},
+                        p.evaluation_figures / "benchmark_by_category.png",
+                        f"Built-in suite ({len(items)} items): share passed by category", "prompt-level accuracy")
+    return results
+
+
+def category_table(done: dict[str, dict]):
+    """Categories × variants: share of items passed, with the number of items per category."""
+    import pandas as pd
+
+    table = pd.DataFrame({n: d["summary"]["per_category"] for n, d in done.items()})
+    counts = pd.Series([r["category"] for r in next(iter(done.values()))["rows"]]).value_counts()
+    table.insert(0, "items", counts.reindex(table.index))
+    overall = {n: d["summary"]["prompt_level_accuracy"] for n, d in done.items()}
+    table.loc["all (prompt level)"] = {"items": int(counts.sum()), **overall}
+    return table
+
+
+# ---------------------------------------------------------------- IFEval's own prompts (needs the Hub)
+
+def official_prompts(session) -> tuple[list, str]:
+    """(samples, status): IFEval's 541 prompts through if-verifiable (datasets downloads google/IFEval), or no
+    samples and a sentence saying why they were skipped."""
+    import os
+
+    if not session.config.evaluation.official_ifeval:
+        return [], "not requested (evaluation.official_ifeval is false)"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return [], f"skipped: offline (HF_HUB_OFFLINE), and {OFFICIAL_DATASET} comes from the Hugging Face Hub"
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().dataset_info(OFFICIAL_DATASET, timeout=10)   # fail fast when the Hub is unreachable
+        from if_verifiable import get_eval_data
+
+        samples = list(get_eval_data("ifeval"))
+    except Exception as e:   # no network, proxy, hub outage: say so, never fill in a number
+        return [], f"skipped: {OFFICIAL_DATASET} could not be loaded from the Hub ({type(e).__name__}: {str(e)[:120]})"
+    return samples, f"ran: {len(samples)} prompts of {OFFICIAL_DATASET}"
+
+
+def score_official(samples: list, texts: list[str]) -> dict:
+    """IFEval's strict and loose accuracies over its own prompts (if-verifiable's checks). Instruction level is
+    over all instructions: an empty answer fails each of its prompt's instructions (if-verifiable lists none)."""
+    from if_verifiable import evaluate_output_for_sample
+
+    n_prompts = n_instr = 0
+    tally = {"prompt_level_strict": 0, "prompt_level_loose": 0, "instruction_level_strict": 0,
+             "instruction_level_loose": 0}
+    for sample, text in zip(samples, texts):
+        results, scores = evaluate_output_for_sample("ifeval", sample, text)
+        n_prompts, n_instr = n_prompts + 1, n_instr + len(sample.instruction_id_list)
+        tally["prompt_level_strict"] += scores.binary_strict
+        tally["prompt_level_loose"] += scores.binary_loose
+        tally["instruction_level_strict"] += sum(r.strict_pass for r in results)
+        tally["instruction_level_loose"] += sum(r.loose_pass for r in results)
+    out = {k: round(v / (n_prompts if k.startswith("prompt") else n_instr), 4) for k, v in tally.items()}
+    return {**out, "n_prompts": n_prompts, "n_instructions": n_instr}
+
+
+def run_official(session, name: str, model, tok, samples: list, key: dict) -> dict:
+    """One variant on IFEval's prompts, scored; saved like the suite's results so a rerun skips it."""
+    from .generation import Sampling, chat_input_ids, generate
+
+    ev = session.config.evaluation
+    inputs = chat_input_ids(tok, [[{"role": "user", "content": s.prompt}] for s in samples])
+    outs = generate(model, tok, inputs, Sampling.greedy(ev.max_new_tokens), ev.batch_size, desc=f"IFEval {name}")
+    rows = [{"model": name, "key": s.key, "prompt": s.prompt, "output": o.text} for s, o in zip(samples, outs)]
+    return save_variant(session, name, key, rows, "ifeval_official", score_official(samples, [o.text for o in outs]))
+
+
+# ---------------------------------------------------------------- optional lm-evaluation-harness tasks
 
 def lm_eval_results(session) -> dict:
     """Optional lm-evaluation-harness tasks per variant; a clear note instead when it cannot run here."""
@@ -83,26 +243,3 @@ def lm_eval_results(session) -> dict:
         out["models"][name] = res["results"]
     return out
 
-
-def run_benchmark(session) -> dict:
-    """07: every variant answers the same items greedily; rows, results and a per-category figure."""
-    ev, p = session.config.evaluation, session.paths
-    check_variants(session, ev.variants)
-    items = load_suite(ev.benchmark_items, session.config.seed)
-    rows, models = [], {}
-    for name, model, tok in iter_variants(session, ev.variants):
-        inputs = chat_input_ids(tok, [[{"role": "user", "content": it["prompt"]}] for it in items])
-        outs = generate(model, tok, inputs, Sampling.greedy(ev.max_new_tokens), ev.batch_size, desc=f"07 {name}")
-        vrows = [{"model": name, "prompt_id": it["id"], "category": it["category"], "prompt": it["prompt"],
-                  "output": o.text, "output_tokens": o.n_tokens, "stopped_on_eos": o.ended, **score_output(it, o.text)}
-                 for it, o in zip(items, outs)]
-        rows += vrows
-        models[name] = summarise(vrows)
-    write_jsonl(p.evaluation_results / "benchmark_generations.jsonl", rows)
-    results = {"models": models, "suite": SUITE.name, "items": [it["id"] for it in items],
-               "max_new_tokens": ev.max_new_tokens, "decoding": "greedy", "profile": session.profile.name,
-               "lm_eval": lm_eval_results(session)}
-    write_json(p.evaluation_results / "benchmark_results.json", results)
-    grouped_bars({m: r["per_category"] for m, r in models.items()}, p.evaluation_figures / "benchmark_by_category.png",
-                 "Benchmark: share of items passed, by category", "prompt-level accuracy")
-    return results

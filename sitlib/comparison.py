@@ -1,15 +1,21 @@
-"""Stage 09: comparative analysis — reads only measured files, writes the summary CSV and three figures."""
+"""Stage 09's building blocks: read only measured files, one summary row per variant, figures in which a value
+that was not measured is marked so (never drawn as 0)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-from .artifacts import MissingInputError, read_json, write_csv
+from .artifacts import MissingInputError, read_json, save_figure, write_csv
 
 NOT_MEASURED = "not measured"
+NO_TRAINING = "n/a (no training)"
 TRAINING = {"sft": "05_sft_training", "prompt_tuning": "05b_prompt_tuning", "dpo": "06_dpo_training"}
+VARIANTS = ["base", *TRAINING]
 TRAIN_FIELDS = ["trainable_parameters", "trainable_percent", "runtime_seconds", "peak_memory_gb",
-                "tokens_per_second", "train_loss", "eval_loss", "compute_units"]
+                "tokens_per_second", "train_loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin",
+                "compute_units"]
 BENCH_FIELDS = ["prompt_level_accuracy", "instruction_level_accuracy", "eos_stop_rate", "mean_output_tokens"]
+OFFICIAL_FIELDS = ["prompt_level_strict", "instruction_level_strict"]
 AGENT_FIELDS = ["success_rate", "valid_call_rate", "tool_use_rate", "mean_turns"]
 
 
@@ -36,62 +42,147 @@ def read_inputs(session, allow_missing: bool) -> dict:
     return out
 
 
+def _value(source: Optional[dict], field: str):
+    """A measured value, or NOT_MEASURED when the file, the variant or the field is absent; a recorded null (e.g.
+    the valid-call rate of a variant that made no call) is "n/a", not a number."""
+    if source is None or field not in source:
+        return NOT_MEASURED
+    return "n/a (nothing to rate)" if source[field] is None else source[field]
+
+
 def summary_rows(data: dict) -> list[dict]:
     """One row per variant; every value is read from a file, else 'not measured'."""
-    variants = ["base", *TRAINING]
     rows = []
-    for v in variants:
+    for v in VARIANTS:
         row = {"variant": v}
         train = data.get(f"{v}_metrics")
         for f in TRAIN_FIELDS:
-            row[f] = (train or {}).get(f, NOT_MEASURED) if v != "base" else "n/a (no training)"
-        for src, fields, prefix in (("benchmark", BENCH_FIELDS, "bench_"), ("agent", AGENT_FIELDS, "agent_")):
-            model = ((data.get(src) or {}).get("models") or {}).get(v)
+            row[f] = NO_TRAINING if v == "base" else _value(train, f)
+        bench = data.get("benchmark") or {}
+        official = (bench.get("official_ifeval") or {}).get("models") or {}
+        for src, fields, prefix in (((bench.get("models") or {}).get(v), BENCH_FIELDS, "bench_"),
+                                    (official.get(v), OFFICIAL_FIELDS, "ifeval_"),
+                                    (((data.get("agent") or {}).get("models") or {}).get(v), AGENT_FIELDS, "agent_")):
             for f in fields:
-                value = model.get(f) if model else None
-                row[prefix + f] = NOT_MEASURED if value is None and model is None else value
+                row[prefix + f] = _value(src, f)
         rows.append(row)
     return rows
 
 
-def _num(x):
-    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+def summary_table(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows).set_index("variant").T
 
 
-def figures(rows: list[dict], fig_dir: Path) -> list[Path]:
-    from .figures import grouped_bars, save_figure
+def number(x) -> Optional[float]:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
+
+# ---------------------------------------------------------------- figures
+
+def _bars(ax, labels: list[str], values: list, colour=None, width: float = 0.8, offset: float = 0.0) -> None:
+    """Bars for measured values; a hatched outline and the words 'not measured' where a value is missing."""
+    top = max([number(v) for v in values if number(v) is not None] + [1.0])
+    for i, v in enumerate(values):
+        x = i + offset
+        if number(v) is None:
+            ax.bar(x, top * 0.15, width, fill=False, hatch="//", edgecolor="grey", linestyle="--")
+            ax.text(x, top * 0.17, "not measured", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
+        else:
+            ax.bar(x, number(v), width, color=colour)
+
+
+def grouped_bars_marked(groups: dict[str, dict], path: Path, title: str, ylabel: str) -> Path:
+    """groups: variant → {metric: value or None}; one colour per variant, missing values marked 'not measured'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trained = [r for r in rows if r["variant"] != "base"]
-    eff = {r["variant"]: {k: _num(r[k]) or 0.0 for k in ("runtime_seconds", "peak_memory_gb", "tokens_per_second")}
-           for r in trained}
-    paths = [grouped_bars(eff, fig_dir / "comparison_efficiency.png", "Training efficiency (measured)", "value")]
-    qual = {r["variant"]: {k: _num(r[k]) or 0.0 for k in ("bench_prompt_level_accuracy",
-                                                           "bench_instruction_level_accuracy", "bench_eos_stop_rate",
-                                                           "agent_success_rate")} for r in rows}
-    paths.append(grouped_bars(qual, fig_dir / "comparison_quality.png", "Quality (measured)", "rate"))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in trained:
-        x, y = _num(r["trainable_parameters"]), _num(r["bench_prompt_level_accuracy"])
-        if x is not None and y is not None:
+    variants = list(groups)
+    metrics = list(dict.fromkeys(m for g in groups.values() for m in g))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(metrics) * max(1, len(variants))), 4.5))
+    width = 0.8 / max(1, len(variants))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, v in enumerate(variants):
+        vals = [groups[v].get(m) for m in metrics]
+        _bars(ax, metrics, vals, colours[i % len(colours)], width, offset=i * width)
+        ax.bar(0, 0, 0, color=colours[i % len(colours)], label=v)   # legend entry
+    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(metrics))], metrics, rotation=30,
+                  ha="right")
+    ax.set(title=title, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_efficiency(rows: list[dict], path: Path) -> Path:
+    """Training cost per trained variant, one panel per measure (their scales differ)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in rows if r["variant"] in TRAINING]
+    fields = [("runtime_seconds", "seconds"), ("peak_memory_gb", "GB"), ("tokens_per_second", "tokens / s")]
+    fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.8))
+    for ax, (f, unit) in zip(axes, fields):
+        _bars(ax, [r["variant"] for r in trained], [r[f] for r in trained], "#4C72B0")
+        ax.set_xticks(range(len(trained)), [r["variant"] for r in trained], rotation=15)
+        ax.set(title=f, ylabel=unit)
+    fig.suptitle("Training cost (measured)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_tradeoff(rows: list[dict], path: Path) -> Path:
+    """Trainable parameters against prompt-level accuracy; variants without both values are named, not placed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    missing = []
+    for r in rows:
+        x, y = number(r["trainable_parameters"]), number(r["bench_prompt_level_accuracy"])
+        if r["variant"] == "base":
+            if y is not None:
+                ax.axhline(y, ls="--", color="grey", label="base model")
+            else:
+                missing.append("base")
+        elif x is not None and y is not None:
             ax.scatter(x, y, s=60)
             ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 5))
-    base = next(r for r in rows if r["variant"] == "base")
-    if _num(base["bench_prompt_level_accuracy"]) is not None:
-        ax.axhline(base["bench_prompt_level_accuracy"], ls="--", color="grey", label="base model")
+        else:
+            missing.append(r["variant"])
+    if missing:
+        ax.text(0.02, 0.02, "not measured: " + ", ".join(missing), transform=ax.transAxes, color="grey")
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="built-in suite, prompt-level accuracy",
+           title="Parameters trained vs. quality")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    ax.set(xscale="log", xlabel="trainable parameters", ylabel="benchmark prompt-level accuracy",
-           title="Trade-off: parameters trained vs. quality")
-    paths.append(save_figure(fig, fig_dir / "comparison_tradeoff.png"))
-    return paths
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_summary(session, rows: list[dict]) -> dict:
+    """comparison_summary.csv and the three figures; returns their paths."""
+    m, f = session.paths.evaluation_metrics, session.paths.evaluation_figures
+    keys = ["bench_prompt_level_accuracy", "bench_instruction_level_accuracy", "agent_success_rate"]
+    if any(number(r["ifeval_prompt_level_strict"]) is not None for r in rows):
+        keys.insert(2, "ifeval_prompt_level_strict")   # IFEval's own prompts: only when 07 could fetch them
+    quality = {r["variant"]: {k: number(r[k]) for k in keys} for r in rows}
+    return {"csv": write_csv(m / "comparison_summary.csv", rows),
+            "quality": grouped_bars_marked(quality, f / "comparison_quality.png", "Quality (measured)", "rate"),
+            "efficiency": plot_efficiency(rows, f / "comparison_efficiency.png"),
+            "tradeoff": plot_tradeoff(rows, f / "comparison_tradeoff.png")}
 
 
 def run_comparison(session, allow_missing: bool = False) -> dict:
-    """09: nothing is written unless every input is there (or allow_missing)."""
+    """09 in one call: nothing is written unless every input is there (or allow_missing)."""
     data = read_inputs(session, allow_missing)
     rows = summary_rows(data)
-    write_csv(session.paths.evaluation_metrics / "comparison_summary.csv", rows)
-    figs = figures(rows, session.paths.evaluation_figures)
-    return {"rows": rows, "figures": [str(f) for f in figs],
+    return {"rows": rows, "files": {k: str(v) for k, v in write_summary(session, rows).items()},
             "missing": [k for k, v in data.items() if v is None]}

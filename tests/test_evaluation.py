@@ -1,77 +1,91 @@
-"""07/08/09: constraint checkers, tool-call parsing and tools, accuracies as exact means, compare's refusals."""
-import csv
+"""07/08/09: the suite, scoring, resume, tool-call parsing and tools, adapter freshness, 09's "not measured"."""
 import json
-import subprocess
-import sys
+from collections import Counter
 
 import pytest
 
-from sitlib import agent, benchmark, comparison
+from sitlib import agent, benchmark, comparison, variants
 from sitlib.artifacts import write_json
-from sitlib.checks import CHECKS, run_check
-from sitlib.config import REPO_ROOT
+from sitlib.checks import ANSWER_TYPES, IFEVAL_TYPES, ifeval_instruction
+from sitlib.errors import BadInputError, ConfigError, MissingInputError
 from sitlib.session import setup
 
-CASES = {  # check → (arguments, passing output, failing output)
-    "max_words": ({"n": 5}, "One two three four five.", "One two three four five six."),
-    "min_words": ({"n": 4}, "a b c d", "a b c"),
-    "max_sentences": ({"n": 1}, "Rain is water falling from clouds.", "Rain falls. It is wet."),
-    "exact_sentences": ({"n": 2}, "Cats purr. They sleep a lot!", "Cats purr."),
-    "include_words": ({"words": ["golden", "leaf"]}, "A golden leaf fell.", "A golden tree."),
-    "exclude_words": ({"words": ["hot"]}, "The sun is bright and shotgun-free.", "The sun is hot."),
-    "exclude_chars": ({"chars": "zZ"}, "Dogs are loyal.", "Dogs are lazy."),
-    "word_frequency": ({"word": "morning", "min": 2}, "Morning coffee, every morning.", "Coffee in the morning."),
-    "all_lowercase": ({}, "hello there, friend.", "Hello there."),
-    "all_uppercase": ({}, "DANGER: KEEP OUT!", "DANGER: keep out"),
-    "json_object": ({}, '```json\n{"name": "Ann", "age": 3}\n```', 'Here: {"name": "Ann"}'),
-    "json_keys": ({"keys": ["name", "age"]}, '{"name": "Ann", "age": 3}', '{"name": "Ann"}'),
-    "exact_bullets": ({"n": 3}, "- apple\n- pear\n* plum", "- apple\n- pear"),
-    "min_numbered": ({"n": 3}, "1. cat\n2. dog\n3) owl", "1. cat\n2. dog"),
-    "exact_paragraphs": ({"n": 2}, "First part.\n\nSecond part.", "Only one paragraph.\nStill one."),
-    "no_commas": ({}, "The sky is blue today.", "The sky, today, is blue."),
-    "quoted": ({}, '"Be kind to yourself."', 'Be kind to yourself.'),
-    "title_brackets": ({}, "<<Winter Light>>\nSnow falls.", "Winter Light"),
-    "starts_with": ({"text": "Yes,"}, "yes, water is wet.", "Water is wet. Yes, it is."),
-    "ends_with": ({"text": "Good luck!"}, "Prepare well. Good luck!", "Good luck! Prepare well."),
-    "final_number": ({"value": 42}, "15 + 27 = 42", "The answer is 42, not 41."),
-    "contains_answer": ({"text": "Ben"}, "The youngest is Ben.", "The youngest is Benjamin."),
-}
+ITEMS = benchmark.load_suite()
 
 
-def test_every_checker_has_cases():
-    assert set(CASES) == set(CHECKS)
+def test_suite_size_and_coverage():
+    assert len(ITEMS) >= 150 and len({i["id"] for i in ITEMS}) == len(ITEMS)
+    follow = [i for i in ITEMS if i["checks"][0]["type"] not in ANSWER_TYPES]
+    exact = [i for i in ITEMS if i["checks"][0]["type"] in ANSWER_TYPES]
+    assert len(follow) >= 100 and len(exact) >= 50
+    assert len({c["type"] for i in follow for c in i["checks"]}) >= 20
+    assert any(len(i["checks"]) == 2 and i["checks"][0]["type"] == i["checks"][1]["type"] for i in follow)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_checker_pass_and_fail(name):
-    args, good, bad = CASES[name]
-    assert run_check({"type": name, **args}, good) is True
-    assert run_check({"type": name, **args}, bad) is False
+def test_suite_prompts_carry_ifevals_own_instruction_text():
+    for it in ITEMS:
+        for c in it["checks"]:
+            if c["type"] in IFEVAL_TYPES:
+                assert ifeval_instruction(c["type"], c["kwargs"])[0] in it["prompt"], it["id"]
 
 
-def test_unknown_check_is_an_error():
-    with pytest.raises(ValueError, match="unknown check type 'rhymes'"):
-        run_check({"type": "rhymes"}, "x")
+def test_cpu_subset_is_seeded_and_covers_every_category():
+    sub = benchmark.load_suite(24, seed=42)
+    assert len(sub) == 24 and sub == benchmark.load_suite(24, seed=42) and sub != benchmark.load_suite(24, seed=7)
+    assert {i["category"] for i in sub} == {i["category"] for i in ITEMS}
 
 
-def test_suite_is_valid_and_large_enough():
-    items = benchmark.load_suite()
-    assert len(items) >= 60 and len({i["id"] for i in items}) == len(items)
-    for it in items:
-        assert it["checks"] and all(c["type"] in CHECKS for c in it["checks"])
-    sub = benchmark.load_suite(12, seed=1)
-    assert len(sub) == 12 and sub == benchmark.load_suite(12, seed=1)
-    assert len({i["category"] for i in sub}) == len({i["category"] for i in items})
+def test_bad_suite_line_is_one_line_error(tmp_path):
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"id": "a", "category": "c", "prompt": "p", "checks": [{"type": "rhymes"}]}\n')
+    with pytest.raises(BadInputError, match=r"s.jsonl, line 1: each check needs a 'type'"):
+        benchmark.load_suite(path=f)
+
+
+def test_two_checks_of_one_type_are_both_scored():
+    item = {"prompt": "Write about a river. Include keywords ['river'].", "checks": [
+        {"type": "keywords:existence", "kwargs": {"keywords": ["river"]}},
+        {"type": "keywords:existence", "kwargs": {"keywords": ["lantern"]}}]}
+    s = benchmark.score_output(item, "The river runs.")
+    assert [c["passed"] for c in s["checks"]] == [True, False] and s["passed"] is False
+    row = {"category": "k", "stopped_on_eos": True, "output_tokens": 3, **s}
+    assert benchmark.summarise([row])["n_checks"] == 2 and benchmark.summarise([row])["instruction_level_accuracy"] == 0.5
+
+
+def test_fact_item_from_the_suite_is_not_passed_by_its_prompt():
+    for it in (i for i in ITEMS if i["checks"][0]["type"] in ANSWER_TYPES):
+        assert not benchmark.score_output(it, it["prompt"])["passed"], it["id"]
 
 
 def test_accuracies_are_exact_means_of_rows():
-    rows = [{"category": "a", "checks": {"x": True, "y": False}, "passed": False, "stopped_on_eos": True, "output_tokens": 4},
-            {"category": "a", "checks": {"x": True}, "passed": True, "stopped_on_eos": False, "output_tokens": 8},
-            {"category": "b", "checks": {"z": True}, "passed": True, "stopped_on_eos": True, "output_tokens": 3}]
+    t, f = {"type": "x", "passed": True}, {"type": "y", "passed": False}
+    rows = [{"category": "a", "checks": [t, f], "passed": False, "stopped_on_eos": True, "output_tokens": 4},
+            {"category": "a", "checks": [t], "passed": True, "stopped_on_eos": False, "output_tokens": 8},
+            {"category": "b", "checks": [t], "passed": True, "stopped_on_eos": True, "output_tokens": 3}]
     s = benchmark.summarise(rows)
     assert s["prompt_level_accuracy"] == round(2 / 3, 4) and s["instruction_level_accuracy"] == 0.75
     assert s["eos_stop_rate"] == round(2 / 3, 4) and s["mean_output_tokens"] == 5.0
-    assert s["per_category"] == {"a": 0.5, "b": 1.0}
+    assert s["per_category"] == {"a": 0.5, "b": 1.0} and s["per_instruction"] == {"x": 1.0, "y": 0.0}
+
+
+def test_official_ifeval_scores_count_an_empty_answer_as_failed_instructions():
+    from if_verifiable import IFEvalSample
+
+    samples = [IFEvalSample(1, "Write.", ["punctuation:no_comma", "startend:quotation"], [{}, {}]),
+               IFEvalSample(2, "Write.", ["punctuation:no_comma"], [{}])]
+    s = benchmark.score_official(samples, ['"No commas here."', ""])
+    assert s["prompt_level_strict"] == 0.5 and s["instruction_level_strict"] == round(2 / 3, 4)
+    assert s["n_instructions"] == 3
+
+
+def test_official_ifeval_is_skipped_in_words_offline(tmp_path, monkeypatch):
+    S = setup("cpu", str(tmp_path / "o"), verbose=False)
+    S.config.evaluation.official_ifeval = False
+    assert benchmark.official_prompts(S) == ([], "not requested (evaluation.official_ifeval is false)")
+    S.config.evaluation.official_ifeval = True
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    samples, status = benchmark.official_prompts(S)
+    assert samples == [] and status.startswith("skipped: offline")
 
 
 @pytest.mark.parametrize("text,kind,error", [
@@ -102,9 +116,6 @@ def test_tools():
     with pytest.raises(ValueError, match="cannot convert"):
         agent.convert_units(1, "kg", "m")
     assert agent.lookup("Mount Keld height") == "2417 m"
-    with pytest.raises(ValueError, match="no entry"):
-        agent.lookup("moon")
-    assert agent.date_calc("add_days", "2024-03-10", days=45) == "2024-04-24"
     assert agent.date_calc("days_between", "2023-01-15", other_date="2023-03-01") == "45"
     assert agent.date_calc("weekday", "2000-01-01") == "Saturday"
     for e in agent.EPISODES:   # every episode is solvable with its tool's real output
@@ -112,9 +123,28 @@ def test_tools():
 
 
 def test_answer_correct():
+    assert agent.answer_correct("45 days between 2023-01-15 and 2023-03-01", "45")
+    assert agent.answer_correct("10063. I multiplied 347 by 29.", "10063")
+    assert agent.answer_correct("347 * 29 = 10063", "10063") and not agent.answer_correct("347 * 29", "10063")
     assert agent.answer_correct("It is 8.047 km", "8.0467") and not agent.answer_correct("8.1", "8.0467")
     assert agent.answer_correct("2024-04-24.", "2024-04-24") and not agent.answer_correct("2024-04-25", "2024-04-24")
     assert agent.answer_correct("Ada Fenn runs it", "Ada Fenn") and not agent.answer_correct(None, "1")
+
+
+def _transcript(success, answer, kinds):
+    return {"episode_id": "e", "tool_expected": "calculator", "question": "q", "expected": "1", "answer": answer,
+            "success": success, "n_turns": len(kinds), "turns": [{"kind": k, "output": "o"} for k in kinds]}
+
+
+def test_a_variant_that_never_calls_a_tool_is_said_so():
+    trs = [_transcript(True, "1", ["answer"]), _transcript(False, None, ["answer", "answer"])]
+    s = agent.summarise(trs)
+    assert s["tool_calls"] == 0 and s["valid_call_rate"] is None
+    assert agent.tool_note(s).startswith("never called a tool in 2 episodes")
+    s2 = agent.summarise([_transcript(True, "1", ["call", "answer"]), _transcript(False, "2", ["invalid_call"])])
+    assert agent.tool_note(s2) == "1 of 2 tool calls valid"
+    outcomes = agent.one_per_outcome([_transcript(True, "1", ["answer"]), _transcript(True, "1", ["call", "answer"])])
+    assert set(outcomes) == {"solved, without a tool call", "solved, with a tool call"}
 
 
 def test_episode_loop_executes_calls_and_scores(monkeypatch, tiny_model_dir):
@@ -124,63 +154,133 @@ def test_episode_loop_executes_calls_and_scores(monkeypatch, tiny_model_dir):
     script = iter([['{"tool": "calculator", "arguments": {"expression": "347 * 29"}}', '{"tool": "nope"}'],
                    ["ANSWER: 10063", "ANSWER: 3"]])
     monkeypatch.setattr(agent, "generate", lambda m, t, inputs, s, b: [Completion(x, 3, True) for x in next(script)])
-    eps = [agent.EPISODES[0], agent.EPISODES[1]]
-    trs = agent.run_episodes(None, load_tokenizer(str(tiny_model_dir)), eps, max_turns=3, max_new_tokens=8,
-                             batch_size=2)
+    trs = agent.run_episodes(None, load_tokenizer(str(tiny_model_dir)), agent.EPISODES[:2], max_turns=3,
+                             max_new_tokens=8, batch_size=2)
     assert trs[0]["success"] and trs[0]["turns"][0]["result"] == "10063" and trs[0]["n_turns"] == 2
     assert not trs[1]["success"] and trs[1]["turns"][0]["kind"] == "invalid_call"
     s = agent.summarise(trs)
     assert s["success_rate"] == 0.5 and s["valid_call_rate"] == 0.5 and s["mean_turns"] == 2.0
 
 
-def _measured_tree(S):
+# ---------------------------------------------------------------- adapter freshness
+
+def _adapter(S, name, inputs=None, **extra):
+    final = variants.adapter_dir(S, name)
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "name": name}))
+    (final / "adapter_model.safetensors").write_bytes(name.encode())
+    write_json(final / "training_config.json", {"fingerprint": f"fp-{name}", **({"inputs": inputs} if inputs else {}),
+                                                **extra})
+    return final
+
+
+def _data(S):
+    for rel in ("data/filtered/sft_train.jsonl", "data/filtered/sft_val.jsonl", "data/preference/dpo_train.jsonl",
+                "data/preference/dpo_val.jsonl"):
+        (S.paths.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (S.paths.root / rel).write_text('{"row": 1}\n')
+
+
+def test_check_fresh_follows_the_chain_from_data_to_sft_to_dpo(tmp_path):
+    from sitlib.training import adapter_digest
+
+    S = setup("cpu", str(tmp_path / "o"), verbose=False)
+    _data(S)
+    sft = _adapter(S, "sft", variants.input_digests(S, "sft"))
+    _adapter(S, "dpo", variants.input_digests(S, "dpo"), sft_adapter_digest=adapter_digest(sft))
+    assert variants.check_fresh(S, "dpo")["notes"][-1] == "SFT adapter verified: the one it was trained on"
+    assert variants.check_fresh(S, "sft")["fingerprint"] == "fp-sft"
+
+    (sft / "adapter_model.safetensors").write_bytes(b"retrained")          # SFT retrained, DPO not
+    with pytest.raises(MissingInputError, match="stale dpo adapter.*SFT adapter.*changed.*rerun 06_dpo_training"):
+        variants.check_fresh(S, "dpo")
+    (S.paths.root / "data/filtered/sft_train.jsonl").write_text('{"row": 2}\n')   # new data, SFT not retrained
+    with pytest.raises(MissingInputError, match="stale sft adapter.*sft_train.jsonl changed.*rerun 05_sft_training"):
+        variants.check_fresh(S, "sft")
+    with pytest.raises(MissingInputError, match="stale sft adapter.*then rerun 06_dpo_training"):
+        variants.check_fresh(S, "dpo")
+
+
+def test_check_fresh_says_what_it_could_not_verify_and_refuses_unfinished(tmp_path):
+    S = setup("cpu", str(tmp_path / "o"), verbose=False)
+    _adapter(S, "prompt_tuning")
+    assert variants.check_fresh(S, "prompt_tuning")["notes"] == [
+        "data not verified: its training_config.json records no input hashes"]
+    (variants.adapter_dir(S, "prompt_tuning") / "training_config.json").unlink()
+    with pytest.raises(MissingInputError, match="no training_config.json.*rerun 05b_prompt_tuning"):
+        variants.check_fresh(S, "prompt_tuning")
+    with pytest.raises(ConfigError, match="unknown variant 'large'"):
+        variants.check_variants(S, ["base", "large"])
+    with pytest.raises(MissingInputError, match="run 06_dpo_training first"):
+        variants.check_variants(S, ["dpo"])
+
+
+# ---------------------------------------------------------------- resume and the tiny model end to end
+
+def test_variant_results_resume_only_with_the_same_key(tmp_path, tiny_model_dir):
+    over = {"models.student": str(tiny_model_dir), "evaluation.variants": ["base"], "evaluation.max_new_tokens": 4}
+    S = setup("cpu", str(tmp_path / "o"), overrides=over, verbose=False)
+    items = benchmark.load_suite(6, S.config.seed)
+    fresh = variants.check_variants(S, ["base"])
+    key = benchmark.run_key(S, items, fresh["base"])
+    (name, model, tok), = list(variants.iter_variants(S, ["base"]))
+    done = benchmark.run_variant(S, name, model, tok, items, key)
+    assert benchmark.finished(S, "base", key) == json.loads(json.dumps(done))
+    assert done["summary"]["prompt_level_accuracy"] == round(sum(r["passed"] for r in done["rows"]) / 6, 4)
+    S.config.evaluation.max_new_tokens = 5
+    assert benchmark.finished(S, "base", benchmark.run_key(S, items, fresh["base"])) is None
+    assert list(variants.iter_variants(S, [])) == []   # nothing left to run: the model is not even loaded
+    res = benchmark.write_results(S, {"base": done}, items, {"status": "skipped: offline"}, {"status": "x"})
+    assert res["models"]["base"]["n_prompts"] == 6
+    assert (S.paths.evaluation_figures / "benchmark_by_category.png").exists()
+    assert benchmark.category_table({"base": done}).loc["all (prompt level)", "items"] == 6
+
+
+# ---------------------------------------------------------------- 09
+
+def _measured(S, skip=()):
     m, r = S.paths.evaluation_metrics, S.paths.evaluation_results
     for k in ("sft", "prompt_tuning", "dpo"):
-        write_json(m / f"{k}_metrics.json", {"trainable_parameters": 10, "runtime_seconds": 1.5, "peak_memory_gb": 1.0,
-                                              "tokens_per_second": 100.0, "train_loss": 1.0, "eval_loss": 1.1})
-    models = {v: {"prompt_level_accuracy": 0.5, "instruction_level_accuracy": 0.6, "eos_stop_rate": 1.0,
-                  "mean_output_tokens": 9} for v in ("base", "sft", "prompt_tuning", "dpo")}
-    write_json(r / "benchmark_results.json", {"models": models})
-    write_json(r / "agent_results.json", {"models": {v: {"success_rate": 0.25, "valid_call_rate": None,
-                                                         "tool_use_rate": 0.0, "mean_turns": 1.0} for v in models}})
+        if k not in skip:
+            write_json(m / f"{k}_metrics.json", {"trainable_parameters": 10, "runtime_seconds": 1.5,
+                                                  "peak_memory_gb": 1.0, "tokens_per_second": 100.0})
+    models = {v: {"prompt_level_accuracy": 0.5, "instruction_level_accuracy": 0.6} for v in ("base", "sft")}
+    write_json(r / "benchmark_results.json", {"models": models, "official_ifeval": {"status": "skipped: offline"}})
 
 
-def _compare_cli(out, *extra):
-    return subprocess.run([sys.executable, "-m", "sitlib", "compare", "--profile", "cpu", "--output-dir", str(out),
-                           *extra], capture_output=True, text=True, cwd=REPO_ROOT)
-
-
-def test_compare_refuses_missing_metrics_and_writes_nothing(tmp_path):
+def test_compare_refuses_missing_inputs_naming_the_notebook(tmp_path):
     S = setup("cpu", str(tmp_path / "o"), verbose=False)
-    _measured_tree(S)
-    (S.paths.evaluation_metrics / "dpo_metrics.json").unlink()
-    r = _compare_cli(tmp_path / "o")
-    assert r.returncode != 0 and "dpo_metrics.json" in r.stderr and "06_dpo_training" in r.stderr
+    _measured(S, skip=("dpo",))
+    with pytest.raises(MissingInputError, match=r"dpo_metrics.json \(run 06_dpo_training first\).*agent_results"):
+        comparison.run_comparison(S)
     assert not (S.paths.evaluation_metrics / "comparison_summary.csv").exists()
-    assert not list(S.paths.evaluation_figures.iterdir())
-
-    r = _compare_cli(tmp_path / "o", "-p", "ALLOW_MISSING=True")
-    assert r.returncode == 0, r.stderr
-    rows = {row["variant"]: row for row in csv.DictReader(open(S.paths.evaluation_metrics / "comparison_summary.csv"))}
-    assert rows["dpo"]["runtime_seconds"] == "not measured" and rows["sft"]["runtime_seconds"] == "1.5"
-    assert rows["base"]["bench_prompt_level_accuracy"] == "0.5"
 
 
-def test_benchmark_and_agent_on_tiny_model(tmp_path, tiny_model_dir):
-    over = {"models.student": str(tiny_model_dir), "evaluation.variants": ["base", "sft"],
-            "evaluation.benchmark_items": 8, "evaluation.max_new_tokens": 6, "evaluation.agent_episodes": 4,
-            "evaluation.agent_max_turns": 2, "evaluation.agent_max_new_tokens": 6}
-    S = setup("cpu", str(tmp_path / "o"), overrides=over, verbose=False)
-    with pytest.raises(FileNotFoundError, match="run 05_sft_training first"):
-        benchmark.run_benchmark(S)
-    S.config.evaluation.variants = ["base"]
-    res = benchmark.run_benchmark(S)
-    rows = [json.loads(x) for x in (S.paths.evaluation_results / "benchmark_generations.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and res["models"]["base"]["n_prompts"] == 8
-    assert res["models"]["base"]["prompt_level_accuracy"] == round(sum(r["passed"] for r in rows) / 8, 4)
-    a = agent.run_agent_eval(S)
-    assert a["models"]["base"]["n_episodes"] == 4
-    assert (S.paths.evaluation_results / "agent_transcripts.jsonl").exists()
+def test_compare_marks_missing_values_not_measured_never_zero(tmp_path):
+    S = setup("cpu", str(tmp_path / "o"), verbose=False)
+    _measured(S, skip=("dpo",))
+    out = comparison.run_comparison(S, allow_missing=True)
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert rows["dpo"]["runtime_seconds"] == "not measured" and rows["sft"]["runtime_seconds"] == 1.5
+    assert rows["dpo"]["bench_prompt_level_accuracy"] == "not measured" and rows["base"]["agent_success_rate"] == \
+        "not measured" and rows["base"]["runtime_seconds"] == "n/a (no training)"
+    assert Counter(out["missing"]) == Counter(["dpo_metrics", "agent"])
+    for f in ("quality", "efficiency", "tradeoff"):
+        assert (S.paths.evaluation_figures / f"comparison_{f}.png").exists()
+
+
+def test_missing_value_is_drawn_as_a_marked_gap_not_a_zero_bar():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    comparison._bars(ax, ["a", "b", "c"], [0.5, "not measured", 0.0])
+    filled = [p.get_height() for p in ax.patches if p.get_fill()]
+    assert filled == [0.5, 0.0]                           # a measured 0 is a bar; the missing one is not
+    assert [t.get_text() for t in ax.texts] == ["not measured"]
+    plt.close(fig)
 
 
 def test_lm_eval_is_skipped_with_a_note_never_faked(tmp_path, monkeypatch):
