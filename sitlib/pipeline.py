@@ -73,6 +73,7 @@ class _Tee:
             text = text.replace(s, "***")
         self.stream.write(text)
         self.log.write(_ANSI.sub("", text))
+        self.log.flush()   # the kernel writes to the same file (see _kernel_manager_class)
 
     def flush(self) -> None:
         self.stream.flush()
@@ -119,6 +120,19 @@ def _failure(nb: Path, target: Path, log_path: Path, err, error_file: Path) -> E
                           f"executed copy: {target}\nlog: {log_path}", tb)
 
 
+def _kernel_manager_class(log):
+    """A kernel manager whose kernel writes its own stdout/stderr (start-up warnings, a crash) into the stage's
+    log instead of the terminal, so the terminal shows only the notebook's output and our one error line."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class KernelLoggingToFile(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw["stdout"] = kw["stderr"] = log
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return KernelLoggingToFile
+
+
 def run_notebook(stage: str, run_dir: Path, parameters: dict, stream=None) -> Path:
     """Execute one stage's notebook into run_dir (copy + .log); raise PipelineError / NotebookFailed."""
     import papermill as pm
@@ -134,7 +148,8 @@ def run_notebook(stage: str, run_dir: Path, parameters: dict, stream=None) -> Pa
             pm.execute_notebook(str(nb), str(target), parameters=parameters, kernel_name="python3",
                                 cwd=str(REPO_ROOT), progress_bar=False, log_output=False,
                                 stdout_file=tee, stderr_file=tee,
-                                extra_arguments=["--IPKernelApp.extensions=sitlib.pipeline"])
+                                extra_arguments=["--IPKernelApp.extensions=sitlib.pipeline"],
+                                kernel_manager_class=_kernel_manager_class(log))
         except pm.PapermillExecutionError as e:
             raise _failure(nb, target, log_path, e, error_file) from None
         finally:

@@ -165,3 +165,38 @@ def test_sigkill_during_appends_leaves_whole_rows_and_resume_continues(tmp_path)
         ids = [r["id"] for r in artifacts.read_jsonl(path)]
         assert ids == list(range(len(ids))) and len(ids) % 7 == 0   # no row lost, duplicated or cut
     assert not [p for p in tmp_path.iterdir() if p.name != "rows.jsonl" and not p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- models the user names
+
+LOAD_STUDENT = ("import sitlib\nfrom sitlib import models\nS = sitlib.setup(PROFILE, OUTPUT_DIR, CONFIG_PATH, OVERRIDES)",
+                "tok = models.load_tokenizer(S.config.models.student)")
+
+
+def _run_setup_notebook(tmp_path, student):
+    from test_pipeline import write_nb   # tests/ is on sys.path (pytest's prepend import mode)
+
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    write_nb(nbdir / "01_setup.ipynb", *LOAD_STUDENT)
+    code = (f"import sitlib.pipeline as p, pathlib, sys; p.NOTEBOOK_DIR = pathlib.Path({str(nbdir)!r}); "
+            f"from sitlib.cli import run; sys.exit(run(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, "setup", "--profile", "cpu", "--output-dir",
+                           str(tmp_path / "out"), "-p", f"models.student={student}"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_unknown_model_id_is_one_line_naming_the_model(tmp_path):
+    r = _run_setup_notebook(tmp_path, "no-such-org/no-such-model-xyz")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: 01_setup.ipynb, cell 3 (`tok = models.load_tokenizer(") and \
+        "no-such-org/no-such-model-xyz" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="sitlib.models passes a missing local folder to from_pretrained, which "
+                                       "raises OSError (a traceback) instead of a one-line SitError")
+def test_missing_local_model_folder_is_one_line(tmp_path):
+    r = _run_setup_notebook(tmp_path, str(tmp_path / "no-such-folder"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
