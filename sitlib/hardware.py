@@ -205,11 +205,23 @@ def get_profile(name: str = "auto") -> tuple[Profile, Detection]:
 
 
 def apply_memory_limit(det: Detection) -> None:
-    """Under SIT_EMULATE_GPU_GB, cap this process's CUDA allocator at the emulated card's share of the real one."""
-    if det.emulated:
-        import torch
+    """Under SIT_EMULATE_GPU_GB, make this process see the emulated card: its CUDA allocator is capped at that
+    share of the real one, and torch.cuda.mem_get_info (which code sizing batches by free memory reads) reports
+    the emulated card's total and what the allocator may still take."""
+    if not det.emulated:
+        return
+    import torch
 
-        torch.cuda.set_per_process_memory_fraction(det.memory_gb / det.device_memory_gb, 0)
+    torch.cuda.set_per_process_memory_fraction(det.memory_gb / det.device_memory_gb, 0)
+    limit = int(det.memory_gb * 2**30)
+    real = getattr(torch.cuda.mem_get_info, "__wrapped__", torch.cuda.mem_get_info)
+
+    def mem_get_info(device=None):
+        free, _ = real(device)
+        return min(free, max(0, limit - torch.cuda.memory_reserved(device))), limit
+
+    mem_get_info.__wrapped__ = real
+    torch.cuda.mem_get_info = mem_get_info
 
 
 def set_precision(profile: Profile) -> None:

@@ -68,8 +68,11 @@ def test_emulated_card(monkeypatch):
     assert prof.name == "l4" and det.emulated and det.memory_gb == 22.5 and det.device_memory_gb == pytest.approx(139.8)
     calls = []
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (130 * 2**30, int(139.8 * 2**30)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 20 * 2**30)
     hardware.apply_memory_limit(det)
     assert calls == [(pytest.approx(22.5 / 139.8), 0)]
+    assert torch.cuda.mem_get_info() == (int(2.5 * 2**30), int(22.5 * 2**30))   # what a 22.5 GB card has left
     monkeypatch.setenv(hardware.EMULATE_ENV, "200")
     with pytest.raises(ConfigError, match="more than this card"):
         hardware.detect()
