@@ -1,21 +1,25 @@
 """Stage 03: quality filtering — rules, exact/near-duplicate removal, pseudo-instruction detection, SFT splits."""
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .artifacts import write_json, write_jsonl
+from .artifacts import read_jsonl, write_jsonl, write_metrics
 from .config import FilterConfig
+from .errors import BadInputError
 
+# Refusal phrasings; "as an AI" only in the disclaimer shape ("As an AI, I cannot…"), so "work as an AI engineer"
+# passes.
 REFUSAL = re.compile(r"\b(I(?:'m| am) sorry,? but I|I(?:'m| am) (?:unable|not able) to|I can(?:no|')t (?:help|assist|provide|do)|"
-                     r"as an AI(?: language model)?|I (?:do not|don't) have (?:the ability|access))", re.I)
-# A short list of slurs/threat words: a coarse screen, not a toxicity model (none ships offline).
-TOXIC = re.compile(r"\b(kill (?:yourself|him|her|them)|fuck\w*|shit\w*|bitch\w*|cunt|nigg\w*|fag\w*|"
-                   r"retard\w*|whore|slut|rape\w*|bomb-making|nazi)\b", re.I)
+                     r"as an AI(?: language model| assistant)?,? I\b|I (?:do not|don't) have (?:the ability|access))", re.I)
+# A short list of slurs and threats: a coarse screen, not a toxicity model (none ships offline). Whole words only,
+# so "rapeseed", "flame retardant", "Fagus", "niggle" pass; no topic words ("Nazi" in a history question is
+# history) and no "kill them" (pest control).
+TOXIC = re.compile(r"\b(kill yourself|kys|fuck\w*|shit(?:s|ty|head)?|bitch(?:es)?|cunts?|nigg(?:er|a)s?|fag(?:s|gots?)?|"
+                   r"retard(?:s|ed)?|whores?|sluts?|rap(?:e|ed|es|ing|ist|ists)|bomb-making)\b", re.I)
 TEMPLATE_LEAK = re.compile(r"<\|(?:im_start|im_end|eot_id|start_header_id|end_header_id|endoftext)\|>|^\s*(?:user|assistant)\s*\n", re.I)
 PSEUDO = [
     (re.compile(r"^\s*#{1,6}\s"), "starts with a markdown header"),
@@ -33,7 +37,14 @@ REQUEST_START = re.compile(
 
 REASONS = ["bad_row", "instruction_too_short", "instruction_too_long", "response_too_short", "response_too_long",
            "non_english", "repetitive", "template_leak", "refusal", "toxic", "truncated_instruction",
-           "truncated_response", "pseudo_instruction", "low_score", "duplicate", "near_duplicate"]
+           "truncated_response", "pseudo_instruction", "constraint_failed", "low_score", "benchmark_overlap",
+           "duplicate", "near_duplicate"]
+# A training prompt that shares this much with a benchmark prompt would leak the test into training: Jaccard of
+# word 3-gram sets, or the share of the benchmark prompt's 3-grams found in the instruction (a benchmark prompt
+# with words appended).
+BENCHMARK_JACCARD = 0.5
+BENCHMARK_CONTAINMENT = 0.8
+MATTR_WINDOW = 25   # words; variety is measured in windows this long so it does not fall with length
 
 
 def _text(value) -> str:
@@ -71,12 +82,32 @@ def repeated_ngram_ratio(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def mattr(words: list[str], window: int = MATTR_WINDOW) -> float:
+    """Moving-average type-token ratio (Covington & McFall 2010): the mean share of distinct words over every
+    window of `window` words. Plain type-token ratio falls as a text grows (words repeat), which would rank a
+    short answer above a long one of the same quality; the moving window does not. Shorter texts: plain TTR."""
+    if not words:
+        return 0.0
+    if len(words) <= window:
+        return len(set(words)) / len(words)
+    counts = Counter(words[:window])
+    total = len(counts)
+    for i in range(window, len(words)):   # slide: one word in, one out
+        counts[words[i]] += 1
+        out = words[i - window]
+        counts[out] -= 1
+        if not counts[out]:
+            del counts[out]
+        total += len(counts)
+    return total / ((len(words) - window + 1) * window)
+
+
 def quality_score(instruction: str, response: str) -> float:
-    """Content score in [0, 1]: an average of length adequacy, lexical variety, request shape, answer shape."""
+    """Content score in [0, 1]: an average of length adequacy, lexical variety (MATTR), request shape, answer
+    shape."""
     iw, rw = len(instruction.split()), len(response.split())
     length = min(iw / 8, 1.0) * 0.5 + min(rw / 40, 1.0) * 0.5
-    words = response.lower().split()
-    variety = len(set(words)) / len(words) if words else 0.0
+    variety = mattr(re.findall(r"[\w']+", response.lower()))
     request = 1.0 if ("?" in instruction or REQUEST_START.search(instruction)) else 0.4
     answer = 1.0 if re.search(r"[.!?)`\]]\s*$", response.strip()) else 0.5
     return round((length + variety + request + answer) / 4, 4)
@@ -111,6 +142,8 @@ def rule_reasons(row: dict, cfg: FilterConfig) -> list[str]:
         reasons.append("truncated_response")
     if pseudo_instruction(inst):
         reasons.append("pseudo_instruction")
+    if row.get("constraints") and not row.get("constraint_pass"):
+        reasons.append("constraint_failed")   # rejection sampling: no answer passed the code checks
     if quality_score(inst, resp) < cfg.min_score:
         reasons.append("low_score")
     return reasons
@@ -118,6 +151,28 @@ def rule_reasons(row: dict, cfg: FilterConfig) -> list[str]:
 
 def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", text.lower())).strip()
+
+
+def shingles(text: str, n: int = 3) -> frozenset:
+    words = normalise(text).split()
+    return frozenset(tuple(words[i:i + n]) for i in range(max(len(words) - n + 1, 1)))
+
+
+def benchmark_shingles() -> list[frozenset]:
+    """Word 3-gram sets of every prompt in the benchmark suite 07 scores (the whole suite, not a subset)."""
+    from .benchmark import load_suite
+
+    return [shingles(it["prompt"]) for it in load_suite(0)]
+
+
+def overlaps_benchmark(text: str, bench: list[frozenset]) -> bool:
+    """True when `text` equals or nearly equals a benchmark prompt, or contains one almost word for word."""
+    s = shingles(text)
+    for b in bench:
+        inter = len(s & b)
+        if inter and (inter / len(s | b) >= BENCHMARK_JACCARD or inter / len(b) >= BENCHMARK_CONTAINMENT):
+            return True
+    return False
 
 
 def mark_duplicates(rows: list[dict], texts: list[str], threshold: float, seed: int = 1) -> list[Optional[str]]:
@@ -146,12 +201,15 @@ def mark_duplicates(rows: list[dict], texts: list[str], threshold: float, seed: 
     return marks
 
 
-def filter_rows(rows: list[dict], cfg: FilterConfig) -> tuple[list[dict], list[dict], dict]:
-    """(kept rows best-first, rejected rows with 'reasons', stats)."""
+def filter_rows(rows: list[dict], cfg: FilterConfig, bench: Optional[list[frozenset]] = None
+                ) -> tuple[list[dict], list[dict], dict]:
+    """(kept rows best-first, rejected rows with 'reasons', stats). `bench`: benchmark_shingles() by default."""
+    bench = benchmark_shingles() if bench is None else bench
     scored = []
     for row in rows:
         inst, resp = row_texts(row)
-        scored.append((quality_score(inst, resp), row, rule_reasons(row, cfg)))
+        reasons = rule_reasons(row, cfg) + (["benchmark_overlap"] if overlaps_benchmark(inst, bench) else [])
+        scored.append((quality_score(inst, resp), row, reasons))
     scored.sort(key=lambda t: -t[0])   # stable: the best copy of a duplicate cluster is kept
     clean = [t for t in scored if not t[2]]
     marks = mark_duplicates([t[1] for t in clean], [row_texts(t[1])[0] for t in clean], cfg.near_duplicate_threshold)
@@ -167,53 +225,21 @@ def filter_rows(rows: list[dict], cfg: FilterConfig) -> tuple[list[dict], list[d
     return kept, rejected, stats
 
 
-def read_rows(path: Path, skip_bad: bool) -> tuple[list[dict], list[str]]:
-    """Rows of a JSONL file; bad lines (not JSON, missing fields, wrong types) are errors naming the line."""
-    rows, problems = [], []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise TypeError("not a JSON object")
-            row_texts(row)
-            rows.append(row)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e).strip("'\"")
-            problems.append(f"{path}, line {n}: {msg}")
-    if problems and not skip_bad:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(problems[0] + more + "; pass --skip-bad-rows to report and skip them")
-    return rows, problems
-
-
 def strip_added(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("quality_score", "reasons")}
 
 
-def filter_file(inp: Path, out: Path, cfg: FilterConfig, stats_path: Optional[Path] = None,
-                rejected_path: Optional[Path] = None, skip_bad: bool = False, seed: int = 42) -> dict:
-    """CLI `filter`: any JSONL of instruction/response (or prompt/completion) rows → kept rows, same fields."""
-    if not Path(inp).exists():
-        raise FileNotFoundError(f"input not found: {inp}")
-    rows, problems = read_rows(inp, skip_bad)
-    kept, rejected, stats = filter_rows(rows, cfg)
-    if problems:
-        stats["reasons"]["bad_row"] = len(problems)
-        stats["bad_rows"] = problems
-    write_jsonl(out, [strip_added(r) for r in kept])
-    if rejected_path:
-        write_jsonl(rejected_path, rejected)
-    if stats_path:
-        write_json(stats_path, stats)
-    return stats
-
-
 def to_sft(row: dict) -> dict:
+    """TRL's prompt/completion row. A constrained row carries its constraints and the teacher's answers that
+    failed them (04 uses those as `rejected`)."""
     inst, resp = row_texts(row)
-    return {"id": row.get("id"), "prompt": [{"role": "user", "content": inst}],
-            "completion": [{"role": "assistant", "content": resp}], "quality_score": row["quality_score"]}
+    out = {"id": row.get("id"), "prompt": [{"role": "user", "content": inst}],
+           "completion": [{"role": "assistant", "content": resp}], "quality_score": row["quality_score"]}
+    if row.get("constraints"):
+        out["constraints"] = [{"id": c["id"], "kwargs": c["kwargs"]} for c in row["constraints"]]
+        out["base_instruction"] = row.get("base_instruction", inst)
+        out["failed_answers"] = [s["text"] for s in row.get("samples", []) if not s["pass"]]
+    return out
 
 
 def split(kept: list[dict], cfg: FilterConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -224,24 +250,65 @@ def split(kept: list[dict], cfg: FilterConfig, seed: int) -> tuple[list[dict], l
     return chosen[n_val:], chosen[:n_val]
 
 
-def run_filter(session) -> dict:
-    """03: data/raw/instructions.jsonl → data/filtered/{sft_train,sft_val}.jsonl + filter_stats.json + figure."""
-    from .artifacts import read_jsonl, write_metrics
+def load_raw(session) -> list[dict]:
+    return read_jsonl(session.paths.data_raw / "instructions.jsonl", produced_by="02_magpie_generation")
+
+
+def check_enough(train: list[dict], val: list[dict], n_raw: int, stats: dict) -> None:
+    if len(train) < 2 or not val:
+        raise BadInputError(f"only {stats['kept']} of {n_raw} rows passed the filter ({stats['reasons']}): too few "
+                            "for train/val splits; generate more rows in 02 (generation.num_instructions) or relax "
+                            "filter.*")
+
+
+def write_splits(session, train: list[dict], val: list[dict], rejected: list[dict], stats: dict) -> dict:
+    """data/filtered/{sft_train,sft_val,rejected}.jsonl, filter_stats.json (+ its config) and the funnel figure."""
     from .figures import filter_funnel
 
-    p, cfg = session.paths, session.config
-    raw = read_jsonl(p.data_raw / "instructions.jsonl", produced_by="02_magpie_generation")
-    kept, rejected, stats = filter_rows(raw, cfg.filter)
-    train, val = split(kept, cfg.filter, cfg.seed)
-    if len(train) < 2 or not val:
-        raise ValueError(f"only {len(kept)} of {len(raw)} rows passed the filter ({stats['reasons']}): too few for "
-                         "train/val splits; generate more rows in 02 (generation.num_instructions) or relax filter.*")
-    stats.update(sft_train=len(train), sft_val=len(val),
-                 pseudo_instruction_examples=[row_texts(r)[0][:160] for r in rejected
-                                              if "pseudo_instruction" in r["reasons"]][:5])
+    p = session.paths
+    stats = {**stats, "sft_train": len(train), "sft_val": len(val),
+             "constrained_kept": sum(bool(r.get("constraints")) for r in train + val)}
     write_jsonl(p.data_filtered / "sft_train.jsonl", train)
     write_jsonl(p.data_filtered / "sft_val.jsonl", val)
     write_jsonl(p.data_filtered / "rejected.jsonl", rejected)
-    write_metrics(p.data_filtered / "filter_stats.json", stats, cfg)
+    write_metrics(p.data_filtered / "filter_stats.json", stats, session.config)
     filter_funnel(stats, p.evaluation_figures / "filter_funnel.png")
     return stats
+
+
+def funnel(stats: dict) -> list[dict]:
+    """Rows left after each step, and what each reason removed (a row can have several reasons)."""
+    steps = [{"step": "generated", "rows": stats["input_rows"]}, {"step": "kept", "rows": stats["kept"]}]
+    steps += [{"step": k, "rows": stats[k]} for k in ("sft_train", "sft_val") if k in stats]
+    return steps + [{"step": f"rejected: {r}", "rows": n} for r, n in stats["reasons"].items()]
+
+
+def example_per_reason(rejected: list[dict], width: int = 160) -> list[dict]:
+    """The first rejected row for every reason seen, shortened for reading."""
+    out: dict[str, dict] = {}
+    for r in rejected:
+        for reason in r["reasons"]:
+            if reason not in out:
+                inst, resp = row_texts(r)
+                out[reason] = {"reason": reason, "id": r.get("id"), "instruction": inst[:width],
+                               "response": resp[:width], "all_reasons": r["reasons"]}
+    return [out[k] for k in REASONS if k in out]
+
+
+def show_rows(rows: list[dict], n: int = 3, width: int = 240) -> list[dict]:
+    """A few rows shortened for reading (instruction, response, score, constraints where there are any)."""
+    out = []
+    for r in rows[:n]:
+        inst, resp = row_texts(r)
+        out.append({"id": r.get("id"), "quality_score": r.get("quality_score"), "instruction": inst[:width],
+                    "response": resp[:width], "constraints": [c["id"] for c in r.get("constraints", [])]})
+    return out
+
+
+def run_filter(session) -> dict:
+    """03 in one call (the CLI's): raw rows → filtered splits, stats and figure."""
+    raw = load_raw(session)
+    kept, rejected, stats = filter_rows(raw, session.config.filter)
+    train, val = split(kept, session.config.filter, session.config.seed)
+    check_enough(train, val, len(raw), stats)
+    return write_splits(session, train, val, rejected, stats)

