@@ -5,6 +5,7 @@ from typing import Protocol
 
 import torch
 
+from .errors import ConfigError
 from .filtering import quality_score
 
 
@@ -34,12 +35,13 @@ class RewardModelScorer:
 
 
 class OfflineScorer:
-    """Needs no download. score = quality + 0.25 · mean token log-prob of the response under the student
-    − 1 if the response was cut off at the token limit.
+    """Needs no download. score = quality + 0.25 · mean token log-prob of the response under the model it is
+    given (04 passes the model that wrote the candidates) − 1 if the response was cut off at the token limit.
 
-    quality is the filter's content score in [0, 1] (length adequacy, lexical variety, request/answer shape);
-    the log-prob term prefers fluent text the student itself finds likely; the cut-off penalty makes a finished
-    answer beat an unfinished one. It measures form and fluency, not truth: a coarse stand-in for a reward model.
+    quality is the filter's content score in [0, 1] (length adequacy, lexical variety as MATTR, request/answer
+    shape); the log-prob term prefers fluent text the model finds likely; the cut-off penalty makes a finished
+    answer beat an unfinished one (04 never picks a cut-off answer as chosen in any case). It measures form and
+    fluency, not truth: a coarse stand-in for a reward model.
     """
 
     name = "offline"
@@ -77,7 +79,8 @@ class OfflineScorer:
 
 
 def build_scorer(session, student=None) -> Scorer:
-    """The scorer named by models.scorer; the offline one reuses the already-loaded student when given."""
+    """The scorer named by models.scorer; the offline one reuses an already-loaded (tokenizer, model) when given
+    (in 04, the model that wrote the candidates), else loads the student."""
     kind = session.config.models.scorer
     if kind == "reward_model":
         from .models import load_reward_model
@@ -90,4 +93,4 @@ def build_scorer(session, student=None) -> Scorer:
         tok, model = student or (load_tokenizer(session.config.models.student),
                                  load_model(session.config.models.student, session.profile))
         return OfflineScorer(model, tok)
-    raise ValueError(f"models.scorer: expected 'reward_model' or 'offline', got {kind!r}")
+    raise ConfigError(f"config key 'models.scorer': expected 'reward_model' or 'offline', got {kind!r}")
