@@ -61,12 +61,30 @@ def build_parameters(profile: str, output_dir: Path, config_path: Optional[str],
     return out
 
 
+def _secrets() -> list[str]:
+    return [v for v in (os.environ.get(k) for k in SECRET_ENV) if v and len(v) >= 8]
+
+
+def mask_secrets_in(path: Path) -> None:
+    """A notebook that printed a token must not keep it in the executed copy (it sits on Drive, gets shared)."""
+    secrets = _secrets()
+    if not secrets or not path.exists():
+        return
+    text = path.read_text(encoding="utf-8")
+    if any(s in text for s in secrets):
+        from .artifacts import write_text
+
+        for s in secrets:
+            text = text.replace(s, "***")
+        write_text(path, text)
+
+
 class _Tee:
     """stdout_file for papermill: each chunk of cell output goes to the terminal and the log, secrets masked."""
 
     def __init__(self, log, stream):
         self.log, self.stream = log, stream
-        self.secrets = [v for v in (os.environ.get(k) for k in SECRET_ENV) if v and len(v) >= 4]
+        self.secrets = _secrets()
 
     def write(self, text: str) -> None:
         for s in self.secrets:
@@ -154,6 +172,7 @@ def run_notebook(stage: str, run_dir: Path, parameters: dict, stream=None) -> Pa
             raise _failure(nb, target, log_path, e, error_file) from None
         finally:
             os.environ.pop(ERROR_FILE_ENV, None)
+            mask_secrets_in(target)
     return target
 
 

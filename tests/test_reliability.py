@@ -200,3 +200,40 @@ def test_unknown_model_id_is_one_line_naming_the_model(tmp_path):
 def test_missing_local_model_folder_is_one_line(tmp_path):
     r = _run_setup_notebook(tmp_path, str(tmp_path / "no-such-folder"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+
+
+# ---------------------------------------------------------------- secrets
+
+TOKEN = "hf_DummyTokenForTheLeakCheck0123456789"
+
+
+def _files_with(tree, needle):
+    return [p for p in tree.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_printed_token_is_masked_in_terminal_log_and_executed_copy(tmp_path):
+    from test_pipeline import write_nb   # tests/ is on sys.path (pytest's prepend import mode)
+
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    write_nb(nbdir / "01_setup.ipynb", "import os\nprint('token:', os.environ['HF_TOKEN'])")
+    code = (f"import sitlib.pipeline as p, pathlib, sys; p.NOTEBOOK_DIR = pathlib.Path({str(nbdir)!r}); "
+            f"from sitlib.cli import run; sys.exit(run(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "setup", "--output-dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "HF_TOKEN": TOKEN})
+    assert r.returncode == 0, r.stderr
+    assert "token: ***" in r.stdout and TOKEN not in r.stdout + r.stderr
+    assert not _files_with(tmp_path / "out", TOKEN)
+    assert "token: ***" in next((tmp_path / "out" / "runs").glob("*/01_setup.log")).read_text()
+
+
+@pytest.mark.slow
+def test_token_in_environment_reaches_no_file_of_the_tree(tmp_path):
+    """The real 01 notebook with a dummy token in the environment (it reports where the token came from)."""
+    out = tmp_path / "out"
+    r = sitlib_cli("setup", "--profile", "cpu", "--output-dir", str(out), env={"HF_TOKEN": TOKEN})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Hugging Face login: environment" in r.stdout    # the run saw the token
+    assert TOKEN not in r.stdout + r.stderr and not _files_with(out, TOKEN)
+    assert list(out.glob("runs/*/01_setup.ipynb"))
