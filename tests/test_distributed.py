@@ -76,6 +76,25 @@ def test_shard_and_merge_are_inverse():
     assert dist.chunks([3, 4, 5, 6, 9, 12], 4) == [{"id": 3, "ids": [3, 4, 5, 6]}, {"id": 9, "ids": [9, 12]}]
 
 
+def test_notebook_launch_runs_the_function_in_two_processes(tmp_path):
+    # in a fresh interpreter, as in a notebook kernel: accelerate refuses to fork once a Trainer has set its state
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_distributed import report_world; "
+            f"from sitlib.distributed import notebook_launch; notebook_launch(report_world, 2, {str(tmp_path)!r}, "
+            f"port={_free_port()})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.read_text() for p in tmp_path.glob("rank-*")) == ["0 2 gloo", "1 2 gloo"]
+
+
+def report_world(folder: str) -> None:
+    """Launched function: each process joins the gloo group and writes what it sees."""
+    from accelerate import PartialState
+
+    state, w = PartialState(cpu=True), dist.world()
+    Path(folder, f"rank-{w.rank}").write_text(f"{w.rank} {state.num_processes} {state.backend}")
+
+
 # ---------------------------------------------------------------- data-parallel generation
 
 def sample_process(tok, model):
