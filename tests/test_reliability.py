@@ -11,7 +11,7 @@ import pytest
 
 from sitlib import artifacts, lock
 from sitlib.config import REPO_ROOT
-from sitlib.errors import BadInputError, RunLockedError
+from sitlib.errors import BadInputError, MissingInputError, RunLockedError
 
 SEPARATORS = "a\u2028b\u2029c\u0085d\x0be\x0cf\x1cg\rh"   # all of these are line breaks to str.splitlines()
 GOOD = "Explain how photosynthesis turns sunlight, water and carbon dioxide into sugar and oxygen."
@@ -71,6 +71,21 @@ def test_filter_cli_bad_input_one_line_nothing_written(tmp_path, content, words)
     r = sitlib_cli("filter", "--input", str(inp), "--output", str(out))
     assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not out.parent.exists()
+
+
+def test_missing_input_names_the_notebook_to_run_first(tmp_path):
+    with pytest.raises(MissingInputError, match=r"missing input .*sft_train\.jsonl \(run 03_quality_filtering first\)"):
+        artifacts.read_jsonl(tmp_path / "sft_train.jsonl", produced_by="03_quality_filtering")
+
+
+@pytest.mark.slow
+def test_stage_without_its_prerequisite_names_the_notebook_to_run_first(tmp_path):
+    """The real 03 notebook on an empty tree."""
+    out = tmp_path / "out"
+    r = sitlib_cli("filter", "--profile", "cpu", "--output-dir", str(out))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert r.stderr.startswith("error: 03_quality_filtering.ipynb, cell ") and "02_magpie_generation" in r.stderr
+    assert not [p for p in out.rglob("*") if p.is_file() and "runs" not in p.relative_to(out).parts]
 
 
 def test_bad_json_config_is_one_line_and_nothing_written(tmp_path):
