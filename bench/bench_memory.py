@@ -173,12 +173,28 @@ def write_training_data(S, vocab: int, steps: int) -> None:
 
 # ---------------------------------------------------------------- the stages, each on its real code path
 
+_TEACHER: dict = {}   # the teacher stays loaded from 02 to 04 within a profile (its load is in 02's peak)
+
+
+def teacher(S):
+    """(tokenizer, model) of the teacher as the profile loads it (4-bit where the profile says so)."""
+    if S.profile.name not in _TEACHER:
+        drop_teacher()
+        _TEACHER[S.profile.name] = (models.load_tokenizer(S.config.models.teacher),
+                                    models.load_model(S.config.models.teacher, S.profile, role="teacher"))
+    return _TEACHER[S.profile.name]
+
+
+def drop_teacher() -> None:
+    _TEACHER.clear()
+    free_memory()
+
+
 def stage_generate(S, work: Path, vocab: int) -> dict:
     from sitlib import magpie
 
     cfg = S.config.generation
-    tok = models.load_tokenizer(S.config.models.teacher)
-    model = models.load_model(S.config.models.teacher, S.profile, role="teacher")
+    tok, model = teacher(S)
     rng = random.Random(1)
     rows = [{"id": i, "instruction": words(rng, cfg.instruction_max_new_tokens, vocab), "system_prompt": None,
              "instruction_tokens": cfg.instruction_max_new_tokens, "instruction_complete": True}
@@ -193,8 +209,7 @@ def stage_preference(S, work: Path, vocab: int) -> dict:
     from sitlib import preference, scoring
 
     cfg = S.config.preference
-    tok = models.load_tokenizer(S.config.models.teacher)
-    model = models.load_model(S.config.models.teacher, S.profile, role="teacher")
+    tok, model = teacher(S)
     scorer = scoring.build_scorer(S, (tok, model))     # the reward model, resident beside the teacher as in 04
     rng = random.Random(2)
     n_prompt = S.config.generation.instruction_max_new_tokens
@@ -388,6 +403,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profiles", default=",".join(GPU_PROFILES), help="comma-separated, of " + ", ".join(GPU_PROFILES))
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated, of " + ", ".join(STAGES))
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per training stage")
+    ap.add_argument("--build-only", action="store_true", help="only save the random models (for parallel runs)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run with tiny models (no memory measured)")
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "sit-bench-models"))
     ap.add_argument("--out", default=None, help="default bench/results (a temporary folder with --tiny)")
@@ -410,6 +426,8 @@ def main(argv=None) -> dict:
 
         random_fingerprints()
     paths = build_models(Path(a.models_dir), a.tiny)
+    if a.build_only:
+        return {}
     vocab = TINY_VOCAB if a.tiny else VOCAB
     res = {"device": device_name(a.tiny), "torch": torch.__version__,
            "device_memory_gb": None if a.tiny else round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
@@ -422,13 +440,16 @@ def main(argv=None) -> dict:
         write_training_data(S, vocab, a.steps)
         card = None if a.tiny else hardware.GPU_CARDS_GB[profile]
         entry = {"card_gb": card, "settings": settings(S), "stages": {}}
+        res["profiles"][profile] = entry
         for stage in a.stages:
+            if stage not in ("generate", "preference"):
+                drop_teacher()      # the student stages run without the teacher resident, as in 05-07
             if stage in ("dpo", "benchmark"):
                 ensure_adapter(S, work)
             entry["stages"][stage] = run_stage(S, stage, work, vocab, card, tracker)
             print(json.dumps({profile: {stage: entry["stages"][stage]}}), flush=True)
-        res["profiles"][profile] = entry
-    path = write_results(Path(a.out), res)
+            path = write_results(Path(a.out), res)     # after every stage: a run cut short keeps what it measured
+        drop_teacher()
     print(f"wrote {path}")
     return res
 
