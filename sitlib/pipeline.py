@@ -154,6 +154,7 @@ def _kernel_manager_class(log):
 def run_notebook(stage: str, run_dir: Path, parameters: dict, stream=None) -> Path:
     """Execute one stage's notebook into run_dir (copy + .log); raise PipelineError / NotebookFailed."""
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
 
     stream = stream or sys.stdout
     nb = notebook_for(stage)
@@ -170,6 +171,10 @@ def run_notebook(stage: str, run_dir: Path, parameters: dict, stream=None) -> Pa
                                 kernel_manager_class=_kernel_manager_class(log))
         except pm.PapermillExecutionError as e:
             raise _failure(nb, target, log_path, e, error_file) from None
+        except DeadKernelError as e:
+            # the kernel process vanished (the OS killed it for memory, or someone did): no cell error to show
+            raise NotebookFailed(f"{nb.name}: the kernel died ({e}); executed copy: {target}\nlog: {log_path}",
+                                 f"the kernel running {nb.name} exited without an error from a cell") from None
         finally:
             os.environ.pop(ERROR_FILE_ENV, None)
             mask_secrets_in(target)

@@ -141,3 +141,11 @@ def test_sigkill_of_the_cli_takes_its_kernel_down(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _gone(kernel, 10), f"kernel {kernel} outlived the killed CLI"
+
+
+@pytest.mark.slow
+def test_a_kernel_that_dies_is_reported_with_copy_and_log(nbdir, tmp_path, capsys):
+    write_nb(nbdir / "05_sft.ipynb", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert cli.run(["sft", "--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "05_sft.ipynb: the kernel died" in err and err.rstrip().endswith("05_sft.log")
