@@ -365,10 +365,41 @@ def notebook_launch(fn: Callable, num_processes: int, *args, mixed_precision: st
                       use_port=str(port))
 
 
-# ---------------------------------------------------------------- entry point for accelerate launch
+# ---------------------------------------------------------------- stage notebooks under accelerate launch
 
-# stage → function of sitlib.training taking a Session; every rank runs it, the Trainer does the rest
-TRAINING_STAGES = {"sft": "train_sft", "prompt-tuning": "train_prompt_tuning", "dpo": "train_dpo"}
+# training stages (the Trainer spreads them over the launched processes); by CLI name and notebook number
+TRAINING_STAGES = {"sft": "05", "prompt-tuning": "05b", "dpo": "06"}
+
+
+def run_stages_on_world(stages: list[str], output_dir: str | Path, profile: str = "auto",
+                        config_path: Optional[str] = None, params: Optional[dict] = None, log=print) -> Path:
+    """Run training stages' notebooks in every process `accelerate launch` started; returns the run folder.
+
+    Each process executes the notebook with papermill; its kernel inherits RANK / WORLD_SIZE / LOCAL_RANK /
+    MASTER_ADDR / MASTER_PORT, so the Trainer inside joins one process group (NCCL on GPUs, gloo on CPU).
+    Rank 0 runs the normal pipeline: it holds the output tree's lock and writes runs/<timestamp>/. The other ranks
+    work inside that run: no lock of their own, executed copies and logs in a temporary folder (its path is
+    printed). If any rank fails, torchrun stops the others.
+    """
+    import tempfile
+
+    from . import pipeline
+
+    unknown = [s for s in stages if s not in TRAINING_STAGES.values()]
+    if unknown:
+        raise ConfigError(f"stage(s) {', '.join(unknown)} under accelerate launch: only the training stages "
+                          f"({', '.join(TRAINING_STAGES.values())}) run on several processes; generation stages "
+                          "run one model per GPU by themselves (sitlib.distributed.generate_data_parallel)")
+    w = world()
+    if w.is_main:
+        return pipeline.run_pipeline(stages, Path(output_dir), profile, config_path, params, log=log)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"sit-rank{w.rank}-"))
+    log(f"rank {w.rank} of {w.size}: executed notebooks and logs in {run_dir}")
+    parameters = pipeline.build_parameters(profile, Path(output_dir).resolve(), config_path, params or {})
+    with open(os.devnull, "w") as quiet:   # rank 0 shows the notebook's output; the log keeps this rank's
+        for stage in stages:
+            pipeline.run_notebook(stage, run_dir, parameters, stream=quiet)
+    return run_dir
 
 
 def build_parser():
@@ -377,36 +408,38 @@ def build_parser():
     from .config import parse_value
 
     def kv(text: str):
-        if "=" not in text or "." not in text.split("=", 1)[0]:
-            raise argparse.ArgumentTypeError(f"expected a dotted KEY=VALUE such as sft.epochs=1, got {text!r}")
+        if "=" not in text:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as sft.epochs=1, got {text!r}")
         k, v = text.split("=", 1)
         return k.strip(), parse_value(v)
 
-    ap = argparse.ArgumentParser(prog="accelerate launch --config_file accelerate_configs/ddp.yaml -m sitlib.distributed",
-                                 description="A training stage on every process accelerate launch starts.")
-    ap.add_argument("stage", choices=sorted(TRAINING_STAGES))
+    ap = argparse.ArgumentParser(
+        prog="accelerate launch --config_file accelerate_configs/ddp.yaml -m sitlib.distributed",
+        description="A training stage's notebook in every process accelerate launch starts.")
+    ap.add_argument("stage", choices=sorted(TRAINING_STAGES) + sorted(TRAINING_STAGES.values()))
     ap.add_argument("--profile", default="auto")
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--config", default=None)
-    ap.add_argument("-p", "--param", action="append", type=kv, default=[], help="config override, e.g. sft.epochs=1")
+    ap.add_argument("-p", "--param", action="append", type=kv, default=[],
+                    help="dotted config key or notebook parameter, e.g. -p sft.epochs=1 (repeatable)")
     return ap
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     import sys
 
+    from .runtime import resolve_output_dir
+
     args = build_parser().parse_args(argv)
     w = world()
     try:
-        from . import training
-        from .session import setup
-
-        session = setup(args.profile, args.output_dir, args.config, dict(args.param), verbose=w.is_main)
-        result = getattr(training, TRAINING_STAGES[args.stage])(session)
+        stage = TRAINING_STAGES.get(args.stage, args.stage)
+        run_dir = run_stages_on_world([stage], resolve_output_dir(args.output_dir), args.profile, args.config,
+                                      dict(args.param))
     except SitError as e:
         print(f"error (rank {w.rank} of {w.size}): {e}", file=sys.stderr)
         return 2
-    print_main(json.dumps(result, indent=2, default=str))
+    print_main(f"executed notebooks and logs: {run_dir}")
     return 0
 
 

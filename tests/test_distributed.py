@@ -182,6 +182,53 @@ def test_ddp_on_two_processes_matches_one_and_resumes_on_one(tiny_model_dir, tmp
         assert abs(a - b) <= 0.05 * abs(b), (resumed["steps"], two["steps"])
 
 
+PROBE = """import torch, torch.distributed as d
+from pathlib import Path
+from accelerate import PartialState
+from sitlib import distributed as dist
+from sitlib.artifacts import write_json
+state = PartialState(cpu=True)   # the kernel joins the group its launcher's environment describes
+total = torch.tensor([float(state.process_index + 1)])
+d.all_reduce(total)
+dist.main_process_only(write_json)(Path(OUTPUT_DIR) / "probe.json",
+                                   {"world": dist.world().size, "sum": total.item(), "overrides": OVERRIDES})"""
+
+
+@pytest.mark.slow
+def test_stage_notebook_runs_in_every_launched_process_and_rank0_writes(tmp_path):
+    import nbformat
+
+    nb_dir, out = tmp_path / "notebooks", tmp_path / "out"
+    nb_dir.mkdir()
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    params = nbformat.v4.new_code_cell('PROFILE = "auto"\nOUTPUT_DIR = ""\nOVERRIDES = {}')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(PROBE)]
+    nbformat.write(nb, str(nb_dir / "05_probe.ipynb"))
+    driver = tmp_path / "driver.py"   # the entry point, with the notebooks folder pointed at the probe
+    driver.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom pathlib import Path\n"
+                      f"import sitlib.pipeline as p\np.NOTEBOOK_DIR = Path({str(nb_dir)!r})\n"
+                      "from sitlib.distributed import main\nraise SystemExit(main(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
+           str(_free_port()), str(driver), "sft", "--profile", "cpu", "--output-dir", str(out), "-p", "sft.epochs=1"]
+    done = subprocess.run(cmd, env=dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((out / "probe.json").read_text()) == {"world": 2, "sum": 3.0, "overrides": {"sft.epochs": 1}}
+    runs = list((out / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "05_probe.ipynb").exists()     # rank 0's executed copy only
+    assert "rank 1 of 2: executed notebooks and logs in" in done.stdout
+    assert not (out / ".sit-run.lock").exists()                         # rank 0 released the tree
+
+
+def test_generation_stages_are_refused_under_accelerate_launch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match="stage.s. 02 under accelerate launch"):
+        dist.run_stages_on_world(["02"], "unused")
+
+
 def _rows(n: int) -> list[dict]:
     return [{"prompt": [{"role": "user", "content": f"Write a short poem about the {WORDS[i % 8]}."}],
              "completion": [{"role": "assistant", "content": f"The answer is {WORDS[(i + 3) % 8]} and {WORDS[i % 5]}."}]}
