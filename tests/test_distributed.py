@@ -161,6 +161,7 @@ def _run(model_dir: Path, out: Path, processes: int, max_steps: int, resume: boo
 def test_ddp_on_two_processes_matches_one_and_resumes_on_one(tiny_model_dir, tmp_path):
     one = _run(tiny_model_dir, tmp_path / "one", 1, max_steps=4)
     two = _run(tiny_model_dir, tmp_path / "two", 2, max_steps=4)
+    print("losses 1 process:", one["losses"], "\nlosses 2 processes:", two["losses"])
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert (one["accumulation"], two["accumulation"]) == (2, 1)
     assert "2 processes: gradient_accumulation 2 → 1 per process, effective batch stays 4" in two["stdout"]
