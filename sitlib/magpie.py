@@ -198,6 +198,32 @@ def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int) 
 
 # ---------------------------------------------------------------- the stage
 
+def row_tokens(row: dict) -> int:
+    """Tokens the teacher wrote for a row: its instruction and every answer it sampled."""
+    answers = sum(x["n_tokens"] for x in row["samples"]) if "samples" in row else row["response_tokens"]
+    return row["instruction_tokens"] + answers
+
+
+def write_in_chunks(out_path: Path, batches: Iterator[list[dict]], chunk_size: int, total: int,
+                    already: int = 0) -> dict:
+    """Append finished rows atomically every `chunk_size` rows as batches complete (the resume checkpoint);
+    returns rows, tokens, seconds and rows/s of this run."""
+    t0, made, tokens, buffer = time.perf_counter(), 0, 0, []
+    bar = tqdm(total=total, initial=already, desc="Magpie", unit="row")
+    for finished in batches:
+        buffer += finished
+        while len(buffer) >= chunk_size or (buffer and already + made + len(buffer) == total):
+            chunk, buffer = buffer[:chunk_size], buffer[chunk_size:]
+            append_jsonl(out_path, chunk)
+            made += len(chunk)
+            tokens += sum(row_tokens(r) for r in chunk)
+            bar.update(len(chunk))
+            bar.set_postfix(rows_per_s=f"{made / (time.perf_counter() - t0):.2f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {"rows": made, "tokens": tokens, "seconds": seconds, "rows_per_second": made / seconds if made else None}
+
+
 def run_generation(model, tok, cfg: GenerationConfig, out_path: Path, metrics_path: Path, teacher: str,
                    full_config=None, seed: int = 42) -> dict:
     """Fill out_path up to cfg.num_instructions rows (ids 0..n-1), resuming with the ids it lacks.
@@ -207,26 +233,18 @@ def run_generation(model, tok, cfg: GenerationConfig, out_path: Path, metrics_pa
     """
     out_path = Path(out_path)
     todo = pending_ids(out_path, cfg.num_instructions)
-    if len(todo) < cfg.num_instructions:
-        print(f"resuming: {cfg.num_instructions - len(todo)} rows already in {out_path}")
-    t0, made, tokens = time.perf_counter(), 0, 0
-    bar = tqdm(total=cfg.num_instructions, initial=cfg.num_instructions - len(todo), desc="Magpie", unit="row")
+    already = cfg.num_instructions - len(todo)
+    if already:
+        print(f"resuming: {already} rows already in {out_path}")
+    t0 = time.perf_counter()
+    run = {"rows": 0, "tokens": 0}
     if todo:
         rows = add_constraints(draft_instructions(model, tok, cfg, todo, seed, header_processors(tok, cfg), teacher),
                                cfg, seed)
-        buffer: list[dict] = []
-        for finished in answer_rows(model, tok, cfg, rows, seed):
-            buffer += finished
-            while len(buffer) >= cfg.chunk_size or (buffer and made + len(buffer) == len(todo)):
-                chunk, buffer = buffer[: cfg.chunk_size], buffer[cfg.chunk_size:]
-                append_jsonl(out_path, chunk)
-                made += len(chunk)
-                tokens += sum(r["instruction_tokens"] + sum(s["n_tokens"] for s in r["samples"]) if "samples" in r
-                              else r["instruction_tokens"] + r["response_tokens"] for r in chunk)
-                bar.update(len(chunk))
-                bar.set_postfix(rows_per_s=f"{made / (time.perf_counter() - t0):.2f}")
-    bar.close()
-    metrics = generation_metrics(read_jsonl(out_path), made, tokens, time.perf_counter() - t0, teacher, cfg)
+        run = write_in_chunks(out_path, answer_rows(model, tok, cfg, rows, seed), cfg.chunk_size,
+                              cfg.num_instructions, already)
+    metrics = generation_metrics(read_jsonl(out_path), run["rows"], run["tokens"], time.perf_counter() - t0,
+                                 teacher, cfg)
     write_metrics(metrics_path, metrics, full_config)
     return metrics
 
@@ -270,6 +288,21 @@ def run_magpie(session, teacher=None) -> dict:
     return run_generation(model, tok, session.config.generation, p.data_raw / "instructions.jsonl",
                           p.evaluation_metrics / "generation_metrics.json", session.config.models.teacher,
                           session.config, session.config.seed)
+
+
+def constrained_example(session) -> list[dict]:
+    """The first constrained row: each sampled answer with what every check said (IFEval's checkers, by code)."""
+    rows = [r for r in read_jsonl(session.paths.data_raw / "instructions.jsonl", "02_magpie_generation")
+            if r.get("constraints")]
+    if not rows:
+        return []
+    r = rows[0]
+    print("instruction:", r["instruction"])
+    for c in r["constraints"]:
+        print(f"  {c['id']}: {c['text']}  kwargs={c['kwargs']}")
+    return [{"answer": s["text"][:200], "ended": s["ended"],
+             **{c["id"]: ok for c, ok in zip(r["constraints"], s["passed"])}, "kept": s["text"] == r["response"]}
+            for s in r["samples"]]
 
 
 def sample_rows(session, n: int = 5, constrained: Optional[bool] = None) -> list[dict]:

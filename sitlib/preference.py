@@ -36,6 +36,12 @@ def prompts_from_sft(session) -> list[dict]:
     return items
 
 
+def model_roles(session) -> tuple[str, ...]:
+    """The configured models 04 loads: the candidate writer's base and, for the reward-model scorer, the reward."""
+    roles = ("teacher",) if session.config.preference.candidate_source == "teacher" else ("student",)
+    return roles + (("reward",) if session.config.models.scorer == "reward_model" else ())
+
+
 def load_candidate_model(session):
     """(tokenizer, model, description) of the model that writes the candidates, per preference.candidate_source."""
     from .models import load_model, load_tokenizer
@@ -104,7 +110,12 @@ def wave_size(cfg: PreferenceConfig) -> int:
 def sample_all(session, tok, model, scorer, items: list[dict], source: str) -> dict:
     """Resumable: candidates for every item not yet in data/preference/candidates.jsonl, appended per wave."""
     cfg, path = session.config.preference, session.paths.data_preference / "candidates.jsonl"
-    have = {r["id"] for r in read_jsonl(path)} if path.exists() else set()
+    old = read_jsonl(path) if path.exists() else []
+    other = {r["candidate_source"] for r in old} - {source}
+    if other:
+        raise BadInputError(f"{path} holds candidates from {', '.join(sorted(other))}, not {source!r}: delete it to "
+                            "sample anew, or set preference.candidate_source back")
+    have = {r["id"] for r in old}
     todo = [it for it in items if it["id"] not in have]
     if have:
         print(f"resuming: {len(have)} prompts already have candidates in {path}")
