@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run the notebook series with papermill")
     _common(p)
     p.add_argument("--stages", default=None, help="comma list, e.g. 01,02,03 (default: all)")
-    p = sub.add_parser("filter", help="quality-filter any JSONL of instruction/response rows (without --input: 03)")
+    p = sub.add_parser("filter", aliases=["03"],
+                       help="quality-filter any JSONL of instruction/response rows (without --input: notebook 03)")
     _common(p)
+    p.set_defaults(stage="03")
     p.add_argument("--input", default=None, help="any JSONL; without it, notebook 03 runs on the output tree")
     p.add_argument("--output", default=None)
     p.add_argument("--stats", default=None)
@@ -165,10 +167,8 @@ def run(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "filter" and args.input is not None:
+        if getattr(args, "input", None) is not None:
             return filter_jsonl(args)
-        if args.command == "filter":
-            return run_stages(args, ["03"])
         if args.command == "pipeline":
             return run_stages(args, parse_stages(args.stages))
         return run_stages(args, [args.stage])
