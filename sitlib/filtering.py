@@ -9,7 +9,7 @@ from typing import Optional
 
 from .artifacts import read_jsonl, write_jsonl, write_metrics
 from .config import FilterConfig
-from .errors import BadInputError
+from .errors import BadInputError, SitError
 
 # Refusal phrasings; "as an AI" only in the disclaimer shape ("As an AI, I cannot…"), so "work as an AI engineer"
 # passes.
@@ -109,7 +109,7 @@ def quality_score(instruction: str, response: str) -> float:
     length = min(iw / 8, 1.0) * 0.5 + min(rw / 40, 1.0) * 0.5
     variety = mattr(re.findall(r"[\w']+", response.lower()))
     request = 1.0 if ("?" in instruction or REQUEST_START.search(instruction)) else 0.4
-    answer = 1.0 if re.search(r"[.!?)`\]]\s*$", response.strip()) else 0.5
+    answer = 1.0 if re.search(r"[.!?)`\]}>\"]\s*$", response.strip()) else 0.5   # ends like a finished answer
     return round((length + variety + request + answer) / 4, 4)
 
 
@@ -158,15 +158,32 @@ def shingles(text: str, n: int = 3) -> frozenset:
     return frozenset(tuple(words[i:i + n]) for i in range(max(len(words) - n + 1, 1)))
 
 
+def task_text(item: dict) -> str:
+    """A benchmark prompt less the IFEval constraint sentences its checks name: the task itself. Training rows
+    may share IFEval's constraint wording (that is what teaches it); they may not share the task."""
+    from .checks import INSTRUCTION_DICT, ifeval_instruction
+
+    text = item["prompt"]
+    for check in item.get("checks", []):
+        if check.get("type") in INSTRUCTION_DICT and check.get("kwargs") is not None:
+            try:
+                desc, _ = ifeval_instruction(check["type"], check["kwargs"])
+            except SitError:
+                continue
+            text = text.replace(desc, " ")
+    return text
+
+
 def benchmark_shingles() -> list[frozenset]:
-    """Word 3-gram sets of every prompt in the benchmark suite 07 scores (the whole suite, not a subset)."""
+    """Word 3-gram sets of every task in the benchmark suite 07 scores (the whole suite, not a subset)."""
     from .benchmark import load_suite
 
-    return [shingles(it["prompt"]) for it in load_suite(0)]
+    tasks = [task_text(it) for it in load_suite(0)]
+    return [shingles(t) for t in tasks if normalise(t)]
 
 
 def overlaps_benchmark(text: str, bench: list[frozenset]) -> bool:
-    """True when `text` equals or nearly equals a benchmark prompt, or contains one almost word for word."""
+    """True when `text` equals or nearly equals a benchmark task, or contains one almost word for word."""
     s = shingles(text)
     for b in bench:
         inter = len(s & b)
@@ -208,7 +225,8 @@ def filter_rows(rows: list[dict], cfg: FilterConfig, bench: Optional[list[frozen
     scored = []
     for row in rows:
         inst, resp = row_texts(row)
-        reasons = rule_reasons(row, cfg) + (["benchmark_overlap"] if overlaps_benchmark(inst, bench) else [])
+        task = row.get("base_instruction") or inst   # a constrained row's task, without its constraint sentences
+        reasons = rule_reasons(row, cfg) + (["benchmark_overlap"] if overlaps_benchmark(task, bench) else [])
         scored.append((quality_score(inst, resp), row, reasons))
     scored.sort(key=lambda t: -t[0])   # stable: the best copy of a duplicate cluster is kept
     clean = [t for t in scored if not t[2]]

@@ -398,6 +398,20 @@ def test_benchmark_prompts_and_near_copies_are_rejected():
     assert all(filtering.overlaps_benchmark(p, bench) for p in prompts)   # every item of the whole suite
 
 
+def test_shared_constraint_wording_with_another_task_is_not_overlap():
+    from sitlib.benchmark import load_suite
+    from sitlib.checks import ifeval_instruction
+
+    item = next(it for it in load_suite(0) if it["checks"][0]["type"] == "detectable_format:json_format")
+    wording, _ = ifeval_instruction("detectable_format:json_format", {})
+    assert wording in item["prompt"]
+    base = "Explain how volcanoes erupt and why some eruptions are explosive."
+    row = _row(0, f"{base} {wording}", '{"answer": "Magma rises until the pressure of its gas breaks the rock."}',
+               base_instruction=base)
+    _, rejected, _ = filtering.filter_rows([row], FilterConfig(min_score=0.0))
+    assert not any("benchmark_overlap" in r["reasons"] for r in rejected)
+
+
 # ---------------------------------------------------------------- rejection sampling into SFT
 
 def test_constrained_row_without_a_passing_answer_is_rejected_and_passing_one_keeps_its_failures():
