@@ -76,6 +76,14 @@ def sft_worker(a) -> None:
     from sitlib.artifacts import write_json
 
     cuda = torch.cuda.is_available() and not a.tiny
+    if os.environ.get("SIT_BENCH_RANDOM_FINGERPRINTS"):
+        # where datasets cannot pickle pyarrow's MonthDayNano while hashing a new Dataset (DESIGN.md): the hash
+        # only names cache files, so a random one changes nothing measured
+        import secrets
+
+        import datasets.arrow_dataset as ad
+
+        ad.generate_fingerprint = lambda dataset: secrets.token_hex(8)
 
     class Clock(TrainerCallback):
         """Time and global non-padding tokens at the end of each optimizer step (GPU work finished)."""

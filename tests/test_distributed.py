@@ -163,6 +163,7 @@ def test_ddp_on_two_processes_matches_one_and_resumes_on_one(tiny_model_dir, tmp
     two = _run(tiny_model_dir, tmp_path / "two", 2, max_steps=4)
     print("losses 1 process:", one["losses"], "\nlosses 2 processes:", two["losses"])
     assert one["world_size"] == 1 and two["world_size"] == 2
+    assert (one["trainer_processes"], two["trainer_processes"], two["ddp"]) == (1, 2, "DistributedDataParallel")
     assert (one["accumulation"], two["accumulation"]) == (2, 1)
     assert "2 processes: gradient_accumulation 2 → 1 per process, effective batch stays 4" in two["stdout"]
     assert one["global_step"] == two["global_step"] == 4
@@ -262,7 +263,8 @@ def _train(model_dir: str, out: Path, max_steps: int, resume: bool) -> None:
                          peft_config=lora)
     last = get_last_checkpoint(str(ckpt)) if resume else None
     trainer.train(resume_from_checkpoint=last)
-    result = {"world_size": dist.world().size, "accumulation": args.gradient_accumulation_steps,
+    result = {"world_size": dist.world().size, "trainer_processes": trainer.accelerator.num_processes,
+              "ddp": type(trainer.model_wrapped).__name__, "accumulation": args.gradient_accumulation_steps,
               "global_step": trainer.state.global_step, "resumed_from": last,
               "steps": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]}
     result["losses"] = [loss for _, loss in result["steps"]]
