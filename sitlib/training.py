@@ -373,8 +373,9 @@ def evaluate(trainer, session, section_name: str) -> dict:
 # ---------------------------------------------------------------- answers
 
 def sample_tokens(cfg) -> int:
-    """Room for a whole answer: the response budget the training data was generated with, plus a margin."""
-    return max(96, cfg.generation.response_max_new_tokens + 32)
+    """New tokens for before/after answers and the chat cell: the budget the evaluation gives the same models
+    (evaluation.max_new_tokens), so the notebooks show answers of the length that is scored."""
+    return cfg.evaluation.max_new_tokens
 
 
 def sample_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[dict]:

@@ -127,6 +127,10 @@ def test_parameters_cell(path):
         assert "#" in line, f"parameter {names[-1]} needs a comment saying what it does and its options"
     for required in REQUIRED_PARAMETERS:
         assert required in names, f"parameters cell lacks {required}"
+    # papermill must read every line (an unparsed one is "Passed unknown parameter" and missing from --help-notebook)
+    from papermill.translators import PythonTranslator
+    assert [p.name for p in PythonTranslator.inspect({"source": src})] == names, \
+        "papermill cannot parse a parameter line (keep '=' out of the comments)"
     ns: dict = {}
     exec(compile(tree, path.name, "exec"), ns)   # the defaults are plain values papermill can replace
     assert ns["OVERRIDES"] == {} and ns["OUTPUT_DIR"] is None
