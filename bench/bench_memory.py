@@ -293,24 +293,27 @@ class PeakTracker:
     """The most the CUDA allocator reserved since start(), across the resets sitlib's trainer does itself."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.peak = cuda, 0
+        self.cuda, self.peak, self.allocated = cuda, 0, 0
         self._reset = torch.cuda.reset_peak_memory_stats
 
     def start(self) -> None:
-        self.peak = 0
+        self.peak = self.allocated = 0
         if self.cuda:
             self._reset()
             torch.cuda.reset_peak_memory_stats = self._keep_then_reset
 
     def _keep_then_reset(self, device=None) -> None:
         self.peak = max(self.peak, torch.cuda.max_memory_reserved())
+        self.allocated = max(self.allocated, torch.cuda.max_memory_allocated())
         self._reset(device)
 
-    def stop(self) -> float | None:
+    def stop(self) -> tuple[float | None, float | None]:
+        """(peak reserved, peak allocated) in GiB."""
         if not self.cuda:
-            return None
+            return None, None
         torch.cuda.reset_peak_memory_stats = self._reset
-        return max(self.peak, torch.cuda.max_memory_reserved()) / 2**30
+        return (max(self.peak, torch.cuda.max_memory_reserved()) / 2**30,
+                max(self.allocated, torch.cuda.max_memory_allocated()) / 2**30)
 
 
 def free_memory() -> None:
@@ -366,9 +369,10 @@ def run_stage(S, stage: str, work: Path, vocab: int, card_gb: float | None, trac
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         traceback.print_exc()
     seconds = time.perf_counter() - t
-    peak = tracker.stop()
+    peak, allocated = tracker.stop()
     free_memory()
     entry = {"peak_gb": None if peak is None else round(peak, 2),
+             "allocated_gb": None if allocated is None else round(allocated, 2),
              "ok": error is None and (peak is None or peak <= 0.9 * card_gb),
              "share_of_card": None if peak is None else round(peak / card_gb, 3),
              "seconds": round(seconds, 1), **entry}

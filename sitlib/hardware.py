@@ -51,10 +51,13 @@ class Profile:
 
 _EMBEDDED = {"models.student": "embedded", "models.teacher": "embedded", "models.scorer": "offline"}
 
-# Settings are first estimates scaled from the H100 measurements (SFT 31.5 GB, DPO 41.6 GB at batch 8 x 2 with
-# the 3B shape); bench/bench_memory.py measures every stage of every profile under its card's memory and
-# bench/results/memory_<device>.json holds the peaks (the target: each stage <= 90% of the card).
+# bench/bench_memory.py measures every stage of every profile on an emulated card of its size, with rows of
+# models.max_seq_length tokens; bench/results/memory_<device>.json holds the peaks (target: <= 90% of the card).
 _BF16 = dict(device="cuda", dtype="bfloat16", tf32=True)
+# 80 GB cards. Rows of 1,024 tokens, LoRA without checkpointing: SFT at 12 x 2 peaked at 74.5 GB and DPO at 8 x 2
+# at 73.5 GB (over 90% of the card), so both micro-batches are smaller, the effective batch kept.
+_80GB = {"sft.batch_size": 8, "sft.gradient_accumulation": 3, "dpo.batch_size": 4, "dpo.gradient_accumulation": 4,
+         "generation.batch_size": 256, "preference.batch_size": 64, "evaluation.batch_size": 64}
 PROFILES: dict[str, Profile] = {
     # 2 CPU cores: the embedded 135M model as teacher and student, counts small enough for minutes.
     "cpu": Profile("cpu", "cpu", "float32", overrides={
@@ -93,20 +96,18 @@ PROFILES: dict[str, Profile] = {
         "dpo.batch_size": 2, "dpo.gradient_accumulation": 8, "generation.batch_size": 32,
         "preference.batch_size": 16, "evaluation.batch_size": 32,
     }),
-    # A100 40 GB (the original author's card): bf16 LoRA without checkpointing; DPO peaked at 41.6 GB at
-    # batch 8 x 2, so DPO and SFT micro-batches are halved (effective batch kept).
+    # A100 40 GB (the original author's card): bf16 LoRA without checkpointing. At 6 x 4 SFT peaked at 38.6 GB
+    # and DPO at 4 x 4 at 39.9 GB (rows of 1,024 tokens), so both run smaller micro-batches, effective batch kept.
     "a100-40gb": Profile("a100-40gb", padding_free=True, min_memory_gb=40, **_BF16, overrides={
-        "sft.batch_size": 6, "sft.gradient_accumulation": 4,
+        "sft.batch_size": 4, "sft.gradient_accumulation": 6,
         "prompt_tuning.batch_size": 6, "prompt_tuning.gradient_accumulation": 4,
-        "dpo.batch_size": 4, "dpo.gradient_accumulation": 4, "generation.batch_size": 64,
+        "dpo.batch_size": 2, "dpo.gradient_accumulation": 8, "generation.batch_size": 64,
         "preference.batch_size": 32, "evaluation.batch_size": 64,
     }),
     # 80 GB cards: bf16 LoRA without 4-bit or checkpointing (measured 2.4x faster than 4-bit on an H100).
     # generation batch 256: 2,088 tok/s vs 1,871 at 128 on the 8B teacher shape (bench/results/generation_8b_*.json)
-    "a100-80gb": Profile("a100-80gb", padding_free=True, min_memory_gb=80, **_BF16, overrides={
-        "generation.batch_size": 256, "preference.batch_size": 64, "evaluation.batch_size": 64}),
-    "h100": Profile("h100", padding_free=True, min_memory_gb=80, **_BF16, overrides={
-        "generation.batch_size": 256, "preference.batch_size": 64, "evaluation.batch_size": 64}),
+    "a100-80gb": Profile("a100-80gb", padding_free=True, min_memory_gb=80, **_BF16, overrides=_80GB),
+    "h100": Profile("h100", padding_free=True, min_memory_gb=80, **_BF16, overrides=_80GB),
 }
 ALIASES = ("a100",)   # resolved by the card's memory: a100-40gb or a100-80gb
 GPU_CARDS_GB = {"t4": 15, "l4": 22.5, "a100-40gb": 40, "a100-80gb": 80, "h100": 80}
