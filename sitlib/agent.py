@@ -308,8 +308,9 @@ def summarise(transcripts: list[dict]) -> dict:
 def tool_note(summary: dict) -> str:
     """The words 08 prints next to a variant's score: a success rate means little when no tool was ever called."""
     if summary["tool_calls"] == 0:
-        return (f"never called a tool in {summary['n_episodes']} episodes: every success is an answer given "
-                "without the tool's result")
+        solved = round(summary["success_rate"] * summary["n_episodes"])
+        return f"never called a tool in {summary['n_episodes']} episodes" + (
+            f": its {solved} solved episode(s) were answered without any tool" if solved else "")
     if summary["valid_tool_calls"] == 0:
         return f"tried {summary['tool_calls']} tool calls, none valid: no tool ever ran"
     return f"{summary['valid_tool_calls']} of {summary['tool_calls']} tool calls valid"
@@ -377,7 +378,7 @@ def write_results(session, done: dict[str, dict], episodes: list[dict]) -> dict:
     write_json(p.evaluation_results / "agent_results.json", results)
     grouped_bars_marked({n: {k: m[k] for k in ("success_rate", "valid_call_rate", "tool_use_rate")}
                          for n, m in models.items()}, p.evaluation_figures / "agent_results.png",
-                        f"Agent episodes ({len(episodes)})", "rate")
+                        f"Agent episodes ({len(episodes)})", "rate", gap_label="no tool call to rate")
     return results
 
 

@@ -36,29 +36,48 @@ NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
 
 def _checker(instruction_id: str):
     if instruction_id not in INSTRUCTION_DICT:
-        raise BadInputError(f"unknown IFEval instruction id {instruction_id!r} (known: {', '.join(sorted(INSTRUCTION_DICT))})")
+        raise BadInputError(f"unknown IFEval instruction id {instruction_id!r} "
+                            f"(known: {', '.join(sorted(INSTRUCTION_DICT))})")
     return INSTRUCTION_DICT[instruction_id](instruction_id)
+
+
+def _build(instruction_id: str, kwargs: dict, seed: int) -> tuple[str, dict, bool]:
+    """IFEval's description under a seeded global `random` (IFEval draws from it), the caller's state restored;
+    also whether IFEval drew anything (it does for every kwarg missing or out of its range)."""
+    checker = _checker(instruction_id)
+    state = random.getstate()
+    random.seed(seed)
+    seeded = random.getstate()
+    try:
+        text = checker.build_description(**{k: v for k, v in kwargs.items() if v is not None})
+        drew = random.getstate() != seeded
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"IFEval {instruction_id}: bad kwargs {kwargs!r} ({e})") from e
+    finally:
+        random.setstate(state)
+    return text, dict(checker.get_instruction_args() or {}), drew
 
 
 def ifeval_instruction(instruction_id: str, kwargs: Optional[dict] = None,
                        rng: Optional[random.Random] = None) -> tuple[str, dict]:
-    """The instruction's text (IFEval's own wording) and the kwargs it used. Without kwargs IFEval draws them from
-    Python's global `random`; it is seeded from `rng` for the call and restored after, so a seeded rng gives the
-    same instruction every time and the caller's global random state is untouched."""
-    checker = _checker(instruction_id)
+    """The instruction's text (IFEval's own wording) and the kwargs it used; the kwargs always rebuild the same text.
+
+    Without kwargs they are drawn from IFEval's own ranges, seeded from `rng` (the caller's global random state is
+    untouched). IFEval can draw an instruction it cannot check as written (e.g. "Paragraph 2 must start with …" of
+    a one-paragraph answer, whose kwargs it silently redraws when rebuilt): such a draw is drawn again. Given kwargs
+    that IFEval would complete or replace at random are a BadInputError."""
     if kwargs is not None:
-        try:
-            text = checker.build_description(**{k: v for k, v in kwargs.items() if v is not None})
-        except (TypeError, ValueError) as e:
-            raise BadInputError(f"IFEval {instruction_id}: bad kwargs {kwargs!r} ({e})") from e
-    else:
-        state = random.getstate()
-        random.seed((rng or random.Random()).getrandbits(64))
-        try:
-            text = checker.build_description()
-        finally:
-            random.setstate(state)
-    return text, dict(checker.get_instruction_args() or {})
+        text, used, drew = _build(instruction_id, kwargs, 0)
+        if drew:
+            raise BadInputError(f"IFEval {instruction_id}: kwargs not usable as given ({kwargs!r}): IFEval would "
+                                f"replace or complete them at random (e.g. {used!r})")
+        return text, used
+    rng = rng or random.Random()
+    for _ in range(100):
+        text, used, _drew = _build(instruction_id, {}, rng.getrandbits(64))
+        if not _build(instruction_id, used, 0)[2]:
+            return text, used
+    raise BadInputError(f"IFEval {instruction_id}: no self-consistent instruction in 100 draws")
 
 
 def ifeval_check(instruction_id: str, kwargs: Optional[dict], response: str, prompt: str = "") -> bool:

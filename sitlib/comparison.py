@@ -57,7 +57,8 @@ def summary_rows(data: dict) -> list[dict]:
         row = {"variant": v}
         train = data.get(f"{v}_metrics")
         for f in TRAIN_FIELDS:
-            row[f] = NO_TRAINING if v == "base" else _value(train, f)
+            row[f] = NO_TRAINING if v == "base" else (
+                "n/a (DPO only)" if f.startswith("eval_reward") and v != "dpo" else _value(train, f))
         bench = data.get("benchmark") or {}
         official = (bench.get("official_ifeval") or {}).get("models") or {}
         for src, fields, prefix in (((bench.get("models") or {}).get(v), BENCH_FIELDS, "bench_"),
@@ -81,20 +82,30 @@ def number(x) -> Optional[float]:
 
 # ---------------------------------------------------------------- figures
 
-def _bars(ax, labels: list[str], values: list, colour=None, width: float = 0.8, offset: float = 0.0) -> None:
-    """Bars for measured values; a hatched outline and the words 'not measured' where a value is missing."""
-    top = max([number(v) for v in values if number(v) is not None] + [1.0])
-    for i, v in enumerate(values):
-        x = i + offset
+def _top(values) -> float:
+    measured = [number(v) for v in values if number(v) is not None]
+    return max(measured + [0.0]) or 1.0
+
+
+def _bars(ax, xs: list[float], values: list, colour=None, width: float = 0.8, top: Optional[float] = None,
+          gap_label: str = NOT_MEASURED) -> None:
+    """A bar with its value written on it for each measured value (so a measured 0 reads "0"); for a missing
+    value a full-height dashed, hatched band with the words `gap_label` — it has no height to misread."""
+    top = top or _top(values)
+    for x, v in zip(xs, values):
         if number(v) is None:
-            ax.bar(x, top * 0.15, width, fill=False, hatch="//", edgecolor="grey", linestyle="--")
-            ax.text(x, top * 0.17, "not measured", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
+            ax.bar(x, top * 1.1, width, fill=False, hatch="//", edgecolor="lightgrey", linestyle="--")
+            ax.text(x, top * 0.55, gap_label, rotation=90, ha="center", va="center", fontsize=7, color="grey")
         else:
             ax.bar(x, number(v), width, color=colour)
+            ax.text(x, number(v), f"{number(v):.3g}", ha="center", va="bottom", fontsize=7)
+    if all(number(v) is None for v in values):
+        ax.set_yticks([])   # nothing measured: no scale to read
 
 
-def grouped_bars_marked(groups: dict[str, dict], path: Path, title: str, ylabel: str) -> Path:
-    """groups: variant → {metric: value or None}; one colour per variant, missing values marked 'not measured'."""
+def grouped_bars_marked(groups: dict[str, dict], path: Path, title: str, ylabel: str,
+                        gap_label: str = NOT_MEASURED) -> Path:
+    """groups: variant → {metric: value or None}; one colour per variant, missing values marked `gap_label`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,9 +116,10 @@ def grouped_bars_marked(groups: dict[str, dict], path: Path, title: str, ylabel:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(metrics) * max(1, len(variants))), 4.5))
     width = 0.8 / max(1, len(variants))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    top = _top([v for g in groups.values() for v in g.values()])
     for i, v in enumerate(variants):
-        vals = [groups[v].get(m) for m in metrics]
-        _bars(ax, metrics, vals, colours[i % len(colours)], width, offset=i * width)
+        xs = [j + i * width for j in range(len(metrics))]
+        _bars(ax, xs, [groups[v].get(m) for m in metrics], colours[i % len(colours)], width, top, gap_label)
         ax.bar(0, 0, 0, color=colours[i % len(colours)], label=v)   # legend entry
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(metrics))], metrics, rotation=30,
                   ha="right")
@@ -128,7 +140,7 @@ def plot_efficiency(rows: list[dict], path: Path) -> Path:
     fields = [("runtime_seconds", "seconds"), ("peak_memory_gb", "GB"), ("tokens_per_second", "tokens / s")]
     fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.8))
     for ax, (f, unit) in zip(axes, fields):
-        _bars(ax, [r["variant"] for r in trained], [r[f] for r in trained], "#4C72B0")
+        _bars(ax, list(range(len(trained))), [r[f] for r in trained], "#4C72B0")
         ax.set_xticks(range(len(trained)), [r["variant"] for r in trained], rotation=15)
         ax.set(title=f, ylabel=unit)
     fig.suptitle("Training cost (measured)")

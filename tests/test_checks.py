@@ -94,3 +94,15 @@ def test_dates_and_ranges_are_not_negative_numbers():
     assert checks.last_number("45 days between 2023-01-15 and 2023-03-01") == 45
     assert checks.numbers("10-20 items at -5 degrees, 1,000.5 m") == [10, 20, -5, 1000.5]
     assert checks.last_number("no number") is None
+
+
+def test_drawn_instructions_are_checkable_as_written():
+    # IFEval can draw "Paragraph 2 must start with …" for a one-paragraph answer (and redraws it when rebuilt)
+    for seed in range(40):
+        text, kw = checks.ifeval_instruction("length_constraints:nth_paragraph_first_word", rng=random.Random(seed))
+        assert kw["nth_paragraph"] <= kw["num_paragraphs"]
+        assert checks.ifeval_instruction("length_constraints:nth_paragraph_first_word", kw)[0] == text
+    with pytest.raises(BadInputError, match="kwargs not usable as given"):
+        checks.ifeval_instruction("length_constraints:nth_paragraph_first_word",
+                                  {"num_paragraphs": 1, "nth_paragraph": 2, "first_word": "so"})
+    assert checks.ifeval_instruction("keywords:existence", {"keywords": ["b", "a"]})[1] == {"keywords": ["a", "b"]}

@@ -49,7 +49,8 @@ def test_two_checks_of_one_type_are_both_scored():
     s = benchmark.score_output(item, "The river runs.")
     assert [c["passed"] for c in s["checks"]] == [True, False] and s["passed"] is False
     row = {"category": "k", "stopped_on_eos": True, "output_tokens": 3, **s}
-    assert benchmark.summarise([row])["n_checks"] == 2 and benchmark.summarise([row])["instruction_level_accuracy"] == 0.5
+    summary = benchmark.summarise([row])
+    assert summary["n_checks"] == 2 and summary["instruction_level_accuracy"] == 0.5
 
 
 def test_fact_item_from_the_suite_is_not_passed_by_its_prompt():
@@ -140,7 +141,8 @@ def test_a_variant_that_never_calls_a_tool_is_said_so():
     trs = [_transcript(True, "1", ["answer"]), _transcript(False, None, ["answer", "answer"])]
     s = agent.summarise(trs)
     assert s["tool_calls"] == 0 and s["valid_call_rate"] is None
-    assert agent.tool_note(s).startswith("never called a tool in 2 episodes")
+    assert agent.tool_note(s) == ("never called a tool in 2 episodes: its 1 solved episode(s) were answered "
+                                  "without any tool")
     s2 = agent.summarise([_transcript(True, "1", ["call", "answer"]), _transcript(False, "2", ["invalid_call"])])
     assert agent.tool_note(s2) == "1 of 2 tool calls valid"
     outcomes = agent.one_per_outcome([_transcript(True, "1", ["answer"]), _transcript(True, "1", ["call", "answer"])])
@@ -262,6 +264,7 @@ def test_compare_marks_missing_values_not_measured_never_zero(tmp_path):
     out = comparison.run_comparison(S, allow_missing=True)
     rows = {r["variant"]: r for r in out["rows"]}
     assert rows["dpo"]["runtime_seconds"] == "not measured" and rows["sft"]["runtime_seconds"] == 1.5
+    assert rows["sft"]["eval_reward_accuracy"] == "n/a (DPO only)"
     assert rows["dpo"]["bench_prompt_level_accuracy"] == "not measured" and rows["base"]["agent_success_rate"] == \
         "not measured" and rows["base"]["runtime_seconds"] == "n/a (no training)"
     assert Counter(out["missing"]) == Counter(["dpo_metrics", "agent"])
@@ -276,10 +279,10 @@ def test_missing_value_is_drawn_as_a_marked_gap_not_a_zero_bar():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots()
-    comparison._bars(ax, ["a", "b", "c"], [0.5, "not measured", 0.0])
+    comparison._bars(ax, [0, 1, 2], [0.5, "not measured", 0.0])
     filled = [p.get_height() for p in ax.patches if p.get_fill()]
     assert filled == [0.5, 0.0]                           # a measured 0 is a bar; the missing one is not
-    assert [t.get_text() for t in ax.texts] == ["not measured"]
+    assert [t.get_text() for t in ax.texts] == ["0.5", "not measured", "0"]
     plt.close(fig)
 
 

@@ -44,32 +44,46 @@ KEYWORDS = ["river", "lantern", "garden", "window", "morning", "bridge", "paper"
 LANGUAGES = ["fr", "es", "de", "it"]
 
 # kwargs a short answer (up to a few hundred tokens) can meet; None = IFEval takes no kwargs
+FILLERS = ["very", "really", "good", "thing", "nice", "stuff"]
+ENDINGS = ["Any other questions?", "Is there anything else I can help with?"]
+
+
+def _either(r: random.Random, a: dict, b: dict) -> dict:
+    return r.choice([a, b])
+
+
 KWARGS = {
     "keywords:existence": lambda r: {"keywords": r.sample(KEYWORDS, 2)},
-    "keywords:frequency": lambda r: {"keyword": r.choice(KEYWORDS), "frequency": r.randint(2, 3), "relation": "at least"},
-    "keywords:forbidden_words": lambda r: {"forbidden_words": r.sample(["very", "really", "good", "thing", "nice", "stuff"], 2)},
-    "keywords:letter_frequency": lambda r: r.choice([{"letter": r.choice("zqxj"), "let_frequency": 2, "let_relation": "less than"},
-                                                     {"letter": r.choice("aeo"), "let_frequency": r.randint(3, 6), "let_relation": "at least"}]),
+    "keywords:frequency": lambda r: {"keyword": r.choice(KEYWORDS), "frequency": r.randint(2, 3),
+                                     "relation": "at least"},
+    "keywords:forbidden_words": lambda r: {"forbidden_words": r.sample(FILLERS, 2)},
+    "keywords:letter_frequency": lambda r: _either(
+        r, {"letter": r.choice("zqxj"), "let_frequency": 2, "let_relation": "less than"},
+        {"letter": r.choice("aeo"), "let_frequency": r.randint(3, 6), "let_relation": "at least"}),
     "language:response_language": lambda r: {"language": r.choice(LANGUAGES)},
-    "length_constraints:number_sentences": lambda r: r.choice([{"num_sentences": r.randint(2, 4), "relation": "less than"},
-                                                               {"num_sentences": r.randint(2, 4), "relation": "at least"}]),
+    "length_constraints:number_sentences": lambda r: _either(
+        r, {"num_sentences": r.randint(2, 4), "relation": "less than"},
+        {"num_sentences": r.randint(2, 4), "relation": "at least"}),
     "length_constraints:number_paragraphs": lambda r: {"num_paragraphs": r.randint(2, 3)},
-    "length_constraints:number_words": lambda r: r.choice([{"num_words": r.choice([30, 40, 50, 80]), "relation": "less than"},
-                                                           {"num_words": r.choice([20, 30, 40]), "relation": "at least"}]),
-    "length_constraints:nth_paragraph_first_word": lambda r: {"num_paragraphs": 2, "nth_paragraph": 2,
-                                                              "first_word": r.choice(["also", "finally", "however", "then"])},
+    "length_constraints:number_words": lambda r: _either(
+        r, {"num_words": r.choice([30, 40, 50, 80]), "relation": "less than"},
+        {"num_words": r.choice([20, 30, 40]), "relation": "at least"}),
+    "length_constraints:nth_paragraph_first_word": lambda r: {
+        "num_paragraphs": 2, "nth_paragraph": 2, "first_word": r.choice(["also", "finally", "however", "then"])},
     "detectable_content:number_placeholders": lambda r: {"num_placeholders": r.randint(1, 2)},
     "detectable_content:postscript": lambda r: {"postscript_marker": r.choice(["P.S.", "P.P.S"])},
     "detectable_format:number_bullet_lists": lambda r: {"num_bullets": r.randint(2, 4)},
     "detectable_format:constrained_response": lambda r: None,
     "detectable_format:number_highlighted_sections": lambda r: {"num_highlights": r.randint(1, 3)},
-    "detectable_format:multiple_sections": lambda r: {"section_spliter": r.choice(["Section", "SECTION"]), "num_sections": 2},
+    "detectable_format:multiple_sections": lambda r: {"section_spliter": r.choice(["Section", "SECTION"]),
+                                                      "num_sections": 2},
     "detectable_format:json_format": lambda r: None,
     "detectable_format:title": lambda r: None,
     "combination:two_responses": lambda r: None,
-    "startend:end_checker": lambda r: {"end_phrase": r.choice(["Any other questions?", "Is there anything else I can help with?"])},
-    "change_case:capital_word_frequency": lambda r: r.choice([{"capital_frequency": 2, "capital_relation": "less than"},
-                                                              {"capital_frequency": r.randint(2, 3), "capital_relation": "at least"}]),
+    "startend:end_checker": lambda r: {"end_phrase": r.choice(ENDINGS)},
+    "change_case:capital_word_frequency": lambda r: _either(
+        r, {"capital_frequency": 2, "capital_relation": "less than"},
+        {"capital_frequency": r.randint(2, 3), "capital_relation": "at least"}),
     "change_case:english_capital": lambda r: None,
     "change_case:english_lowercase": lambda r: None,
     "punctuation:no_comma": lambda r: None,
@@ -154,7 +168,8 @@ def units(r: random.Random) -> list[dict]:
 def facts(r: random.Random) -> list[dict]:
     out = []
     for place, city in zip(PLACES, r.sample(CITIES, len(PLACES))):
-        out.append(_text("facts", f"The capital of {place} is {city}. What is the capital of {place}? Answer briefly.", city))
+        out.append(_text("facts", f"The capital of {place} is {city}. What is the capital of {place}? "
+                                  "Answer briefly.", city))
     for (animal, pet), owner in zip(THINGS, r.sample(NAMES, len(THINGS))):
         out.append(_text("facts", f"{owner}'s {animal} is named {pet}. What is the name of {owner}'s {animal}? "
                                   "Answer briefly.", pet))
