@@ -44,9 +44,26 @@ def _stale(name: str, why: str) -> MissingInputError:
                              "evaluation.variants)")
 
 
-def _check_inputs(session, name: str, recorded: dict, notes: list[str]) -> None:
+def _check_row_counts(session, name: str, sizes: dict, notes: list[str]) -> None:
+    """Without input hashes, the row counts 05/05b/06 record still catch data that changed size."""
+    from .artifacts import count_jsonl_rows
+
+    files = dict(zip(("train", "val"), INPUTS[name][0]))
+    recorded = {part: n for key, n in sizes.items() for part in files if key.startswith(part)}
+    for part, n in recorded.items():
+        now = count_jsonl_rows(session.paths.root / files[part])
+        if now != n:
+            raise _stale(name, f"{adapter_dir(session, name)}: it was trained on {n} rows of {files[part]}, "
+                               f"which now has {now}")
+    notes.append("data row counts match (content not verified: its training_config.json records no input hashes)"
+                 if recorded else "data not verified: its training_config.json records neither input hashes nor "
+                 "row counts")
+
+
+def _check_inputs(session, name: str, rec: dict, notes: list[str]) -> None:
+    recorded = rec.get("inputs") or {}
     if not recorded:
-        notes.append("data not verified: its training_config.json records no input hashes")
+        _check_row_counts(session, name, rec.get("data") or {}, notes)
         return
     producer = INPUTS[name][1]
     for rel, digest in recorded.items():
@@ -70,7 +87,7 @@ def check_fresh(session, name: str) -> dict:
         raise MissingInputError(f"{final} has no training_config.json (an unfinished run or an older version): "
                                 f"rerun {ADAPTERS[name][1]}")
     rec, notes = read_json(cfg_file), []
-    _check_inputs(session, name, rec.get("inputs") or {}, notes)
+    _check_inputs(session, name, rec, notes)
     if name == "dpo":
         _check_dpo_chain(session, rec, notes)
     return {"variant": name, "fingerprint": rec.get("fingerprint"), "notes": notes}
@@ -88,7 +105,8 @@ def _check_dpo_chain(session, rec: dict, notes: list[str]) -> None:
         check_fresh(session, "sft")
     except MissingInputError as e:
         raise MissingInputError(f"{e}; the dpo adapter builds on it: then rerun 06_dpo_training") from e
-    want = rec.get("sft_adapter_digest")
+    # 06 records it among its results (training_config.json "results"); top level is accepted as well
+    want = rec.get("sft_adapter_digest") or (rec.get("results") or {}).get("sft_adapter_digest")
     if want is None:
         notes.append("SFT adapter not verified: its training_config.json records no sft_adapter_digest")
     elif adapter_digest(sft) != want:

@@ -189,7 +189,7 @@ def test_check_fresh_follows_the_chain_from_data_to_sft_to_dpo(tmp_path):
     S = setup("cpu", str(tmp_path / "o"), verbose=False)
     _data(S)
     sft = _adapter(S, "sft", variants.input_digests(S, "sft"))
-    _adapter(S, "dpo", variants.input_digests(S, "dpo"), sft_adapter_digest=adapter_digest(sft))
+    _adapter(S, "dpo", variants.input_digests(S, "dpo"), results={"sft_adapter_digest": adapter_digest(sft)})
     assert variants.check_fresh(S, "dpo")["notes"][-1] == "SFT adapter verified: the one it was trained on"
     assert variants.check_fresh(S, "sft")["fingerprint"] == "fp-sft"
 
@@ -205,9 +205,13 @@ def test_check_fresh_follows_the_chain_from_data_to_sft_to_dpo(tmp_path):
 
 def test_check_fresh_says_what_it_could_not_verify_and_refuses_unfinished(tmp_path):
     S = setup("cpu", str(tmp_path / "o"), verbose=False)
-    _adapter(S, "prompt_tuning")
+    _data(S)
+    _adapter(S, "prompt_tuning", data={"train_rows": 1, "val_rows": 1})   # no hashes: row counts still checked
     assert variants.check_fresh(S, "prompt_tuning")["notes"] == [
-        "data not verified: its training_config.json records no input hashes"]
+        "data row counts match (content not verified: its training_config.json records no input hashes)"]
+    (S.paths.root / "data/filtered/sft_val.jsonl").write_text('{"row": 1}\n{"row": 2}\n')
+    with pytest.raises(MissingInputError, match="trained on 1 rows of data/filtered/sft_val.jsonl, which now has 2"):
+        variants.check_fresh(S, "prompt_tuning")
     (variants.adapter_dir(S, "prompt_tuning") / "training_config.json").unlink()
     with pytest.raises(MissingInputError, match="no training_config.json.*rerun 05b_prompt_tuning"):
         variants.check_fresh(S, "prompt_tuning")
