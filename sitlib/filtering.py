@@ -39,11 +39,12 @@ REASONS = ["bad_row", "instruction_too_short", "instruction_too_long", "response
            "non_english", "repetitive", "template_leak", "refusal", "toxic", "truncated_instruction",
            "truncated_response", "pseudo_instruction", "constraint_failed", "low_score", "benchmark_overlap",
            "duplicate", "near_duplicate"]
-# A training prompt that shares this much with a benchmark prompt would leak the test into training: Jaccard of
-# word 3-gram sets, or the share of the benchmark prompt's 3-grams found in the instruction (a benchmark prompt
-# with words appended).
+# A training prompt that shares this much with a benchmark task would leak the test into training: Jaccard of word
+# 3-gram sets, or every one of the task's 3-grams found in the instruction (the task with words around it). Less
+# than all is too loose for short tasks: "Write a short poem about the sea…" shares 4 of the 5 3-grams of "Write a
+# short poem about the moon."
 BENCHMARK_JACCARD = 0.5
-BENCHMARK_CONTAINMENT = 0.8
+BENCHMARK_CONTAINMENT = 1.0
 MATTR_WINDOW = 25   # words; variety is measured in windows this long so it does not fall with length
 
 

@@ -171,22 +171,28 @@ def finish_row(row: dict, samples: list) -> dict:
             "samples": checked, "passing_samples": len(good), "constraint_pass": bool(good)}
 
 
+# Pass 2 hands `generate` this many batches' worth of answers per call: enough for its pool to refill as rows
+# finish (no call runs to its longest row every batch), few enough that finished rows reach the file during a run.
+SLICE_BATCHES = 4
+
+
 def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int) -> Iterator[list[dict]]:
-    """Pass 2: every answer of every row, fed to `generate` a full batch at a time (by prompt length);
-    yields the rows whose answers are all done after each batch, so they can be written at once."""
+    """Pass 2: every answer of every row (a row's samples side by side), handed to `generate` up to
+    SLICE_BATCHES × generation.batch_size answers per call; yields the rows whose answers are all done after
+    each call, so they can be written at once."""
     import torch
 
     jobs = answer_jobs(rows, cfg)
     inputs = chat_input_ids(tok, [conv for _, conv in jobs])
-    order = sorted(range(len(jobs)), key=lambda j: len(inputs[j]))
     need = [0] * len(rows)
     for k, _ in jobs:
         need[k] += 1
     got: list[list] = [[] for _ in rows]
     torch.manual_seed(seed + 7919 + (rows[0]["id"] if rows else 0))
     sampling = Sampling(cfg.response_max_new_tokens, cfg.response_temperature, cfg.response_top_p)
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start:start + cfg.batch_size]
+    step = max(cfg.chunk_size, SLICE_BATCHES * cfg.batch_size)
+    for start in range(0, len(jobs), step):
+        idx = list(range(start, min(start + step, len(jobs))))
         done = []
         for j, c in zip(idx, generate(model, tok, [inputs[j] for j in idx], sampling, cfg.batch_size)):
             k = jobs[j][0]

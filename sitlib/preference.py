@@ -65,16 +65,16 @@ def load_candidate_model(session):
 
 
 def sample_candidates(model, tok, items: list[dict], cfg: PreferenceConfig, seed: int) -> list[list]:
-    """Completions per item, one per temperature: one `generate` call per temperature over every item given
-    (sitlib's generate takes one temperature per call), each at the full preference.batch_size."""
+    """Completions per item, one per temperature: every prompt × temperature in one `generate` call (one
+    Sampling per row), at most preference.batch_size rows in flight."""
     import torch
 
     inputs = chat_input_ids(tok, [[{"role": "user", "content": it["prompt"]}] for it in items])
-    per_temp = []
-    for k, t in enumerate(cfg.temperatures):
-        torch.manual_seed(seed + 104729 * k)
-        per_temp.append(generate(model, tok, inputs, Sampling(cfg.max_new_tokens, t, cfg.top_p), cfg.batch_size))
-    return [[per_temp[k][i] for k in range(len(cfg.temperatures))] for i in range(len(items))]
+    temps = list(cfg.temperatures)
+    torch.manual_seed(seed)
+    flat = generate(model, tok, [x for x in inputs for _ in temps],
+                    [Sampling(cfg.max_new_tokens, t, cfg.top_p) for _ in inputs for t in temps], cfg.batch_size)
+    return [flat[i * len(temps):(i + 1) * len(temps)] for i in range(len(items))]
 
 
 def candidate_records(items: list[dict], completions: list[list], cfg: PreferenceConfig, source: str,
@@ -103,8 +103,9 @@ def candidate_records(items: list[dict], completions: list[list], cfg: Preferenc
 
 
 def wave_size(cfg: PreferenceConfig) -> int:
-    """Prompts per checkpoint: at least one full generate batch, so no call runs below preference.batch_size."""
-    return max(cfg.chunk_size, cfg.batch_size)
+    """Prompts per generate call and checkpoint: preference.chunk_size, but never so few that the call's
+    prompts × temperatures fall below a full preference.batch_size."""
+    return max(cfg.chunk_size, -(-cfg.batch_size // max(1, len(cfg.temperatures))))
 
 
 def sample_all(session, tok, model, scorer, items: list[dict], source: str) -> dict:

@@ -181,7 +181,7 @@ def test_magpie_checkpoint_chunk_independent_of_generate_batch(tiny, tmp_path, m
                            response_max_new_tokens=4, constraint_share=0.0)
     magpie.run_generation(model, tok, cfg, tmp_path / "r.jsonl", tmp_path / "m.json", "tiny")
     assert sizes[0] == 10                       # pass 1: every pending row in one call
-    assert sizes[1] == 8                        # pass 2: a full generate batch, not a 3-row checkpoint chunk
+    assert sizes[1] == 10                       # pass 2: all answers (≤ 4 batches' worth) in one call
     assert appended == [3, 3, 3, 1]             # checkpoints every chunk_size rows
 
 
@@ -203,15 +203,16 @@ def test_magpie_constrained_rows_are_checked_by_code(tiny, tmp_path):
         assert r["constraint_pass"] == any(s["pass"] and s["ended"] for s in r["samples"])
 
 
-def _finishing_generate(model, tok, inputs, sampling, batch_size, *a, **k):
+def _finishing_generate(model, tok, inputs, sampling, batch_size=None, *a, **k):
     """A stand-in teacher that always ends on EOS (a random tiny model never does), varied per row and
     temperature so best and worst differ."""
     from sitlib.generation import Completion
 
     g = torch.Generator().manual_seed(len(inputs))
-    return [Completion(f"Answer {len(x)} at {sampling.temperature}: " +
+    per_row = sampling if isinstance(sampling, list) else [sampling] * len(inputs)
+    return [Completion(f"Answer {len(x)} at {s.temperature}: " +
                        " ".join(str(int(v)) for v in torch.randint(0, 99, (4,), generator=g)), 9, True)
-            for x in inputs]
+            for x, s in zip(inputs, per_row)]
 
 
 def _pref_session(tiny_model_dir, tmp_path, **over):
@@ -248,13 +249,14 @@ def test_preference_resume_after_kill(tiny_model_dir, tmp_path, monkeypatch):
         assert p["score_chosen"] >= p["score_rejected"] and p["margin"] >= 0
 
 
-def test_preference_all_prompts_in_one_call_per_temperature(tiny_model_dir, tmp_path, monkeypatch):
-    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.batch_size": 8, "preference.chunk_size": 2})
-    sizes = []
-    monkeypatch.setattr(preference, "generate", lambda m, t, inputs, *a, **k: sizes.append(len(inputs)) or
-                        _finishing_generate(m, t, inputs, *a, **k))
+def test_preference_all_temperatures_in_one_call(tiny_model_dir, tmp_path, monkeypatch):
+    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.batch_size": 12, "preference.chunk_size": 2})
+    calls = []
+    monkeypatch.setattr(preference, "generate", lambda m, t, inputs, sampling, *a, **k: calls.append(
+        (len(inputs), sorted({s.temperature for s in sampling}))) or _finishing_generate(m, t, inputs, sampling))
     preference.run_preference(S)
-    assert sizes == [6, 6]     # 6 prompts × 2 temperatures: one full call per temperature, not 2-prompt chunks
+    # 6 prompts × 2 temperatures in one call (one Sampling per row), not one call per temperature on 2-prompt chunks
+    assert calls == [(12, [0.7, 1.3])]
 
 
 def test_preference_sft_source_needs_the_sft_adapter(tiny_model_dir, tmp_path):
