@@ -275,7 +275,10 @@ def describe_stage_costs(stage: str, results_dir: Optional[Path] = None) -> str:
         return f"measured cost of {stage}: not measured yet (bench/bench_memory.py writes it)"
     lines = [f"measured cost of {stage}:"]
     for r in rows:
-        peak = f"peak {r['peak_gb']:.1f} GB of a {r['card_gb']:g} GB card" if r["peak_gb"] is not None else ""
-        secs = f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else ""
-        lines.append(f"  {r['profile']}: " + ", ".join(x for x in (peak, secs) if x) + f" ({r['device']})")
+        if r["peak_gb"] is not None:
+            lines.append(f"  {r['profile']}: peak {r['peak_gb']:.1f} GB of its {r['card_gb']:g} GB card (measured on "
+                         f"an {r['device']} limited to {r['card_gb']:g} GB, bench/results/{r['source']})")
+        if r.get("seconds") is not None:
+            lines.append(f"  {r['profile']}: {r['seconds'] / 60:.1f} min on an {r['device']} "
+                         f"(bench/results/{r['source']})")
     return "\n".join(lines)

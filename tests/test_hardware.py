@@ -135,7 +135,7 @@ def test_stage_costs_reads_measured_files_only(tmp_path):
     assert {(r["profile"], r["peak_gb"], r["seconds"]) for r in rows} == {("l4", 17.25, None), ("l4", None, 600.0)}
     assert hardware.stage_costs("benchmark", tmp_path) == []
     text = hardware.describe_stage_costs("sft", tmp_path)
-    assert "peak 17.2 GB of a 22.5 GB card" in text and "10.0 min" in text
+    assert "peak 17.2 GB of its 22.5 GB card" in text and "10.0 min on an NVIDIA L4" in text
 
 
 def test_set_precision_follows_profile():
@@ -143,3 +143,28 @@ def test_set_precision_follows_profile():
     assert torch.backends.cuda.matmul.allow_tf32
     hardware.set_precision(hardware.PROFILES["cpu"])
     assert not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_committed_memory_measurements_cover_every_profile_as_configured():
+    """bench/results/memory_*.json: every stage of every GPU profile measured at <= 90% of its card, with the
+    settings the profiles have now (a profile changed without measuring again fails here)."""
+    from sitlib.config import load_config
+
+    files = sorted(hardware.RESULTS_DIR.glob("memory_*.json"))
+    assert files, "no memory measurements committed (bench/bench_memory.py writes them)"
+    data = json.loads(files[-1].read_text())
+    for name, card in hardware.GPU_CARDS_GB.items():
+        entry, prof = data["profiles"][name], hardware.PROFILES[name]
+        assert entry["card_gb"] == card
+        assert set(entry["stages"]) == {"generate", "preference", "sft", "prompt_tuning", "dpo", "benchmark"}
+        for stage, m in entry["stages"].items():
+            assert m["ok"] and m["peak_gb"] <= 0.9 * card, (name, stage, m)
+        cfg, s = load_config(None, prof.overrides), entry["settings"]
+        assert (s["dtype"], s["student_4bit"], s["teacher_4bit"], s["gradient_checkpointing"]) == (
+            prof.dtype, prof.load_in_4bit, prof.teacher_in_4bit, prof.gradient_checkpointing), name
+        assert (s["sft"], s["dpo"], s["prompt_tuning"]) == tuple(
+            f"{sec.batch_size}x{sec.gradient_accumulation}" for sec in (cfg.sft, cfg.dpo, cfg.prompt_tuning)), name
+        assert (s["generation_batch"], s["preference_batch"], s["evaluation_batch"], s["max_seq_length"]) == (
+            cfg.generation.batch_size, cfg.preference.batch_size, cfg.evaluation.batch_size,
+            cfg.models.max_seq_length), name
+    assert [r["profile"] for r in hardware.stage_costs("dpo")] == list(hardware.GPU_CARDS_GB)
