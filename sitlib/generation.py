@@ -1,8 +1,16 @@
-"""Batched, KV-cached text generation shared by every stage (Magpie, preference sampling, evaluation)."""
+"""KV-cached text generation shared by every stage (Magpie, preference sampling, evaluation, agent).
+
+`generate` keeps a pool of rows in flight: a row that stops (EOS or its token limit) leaves the pool at once and a
+waiting prompt takes its place, so no batch runs to its longest row. The pool is as large as GPU memory allows
+(free memory over the KV cache of one row at full length), not a fixed chunk. The KV cache is preallocated per
+pool, so a decode step writes one column instead of copying the whole cache (transformers' DynamicCache
+concatenates on every step). Models the pool cannot drive (prompt tuning's virtual tokens, sliding-window or
+hybrid caches) go through `model.generate` in length-sorted batches, as before.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -46,9 +54,11 @@ class BlockFirstTokens:
     """Logits processor: forbid `banned` tokens until the row has produced a non-blank token.
 
     Magpie's fix against solution-shaped "instructions": no markdown header (`#`, `##`, ...) may open one.
+    `prompt_len` is where generation starts in `input_ids`: one int (left-padded batches of `model.generate`)
+    or one per row (the pool, where rows join at different times).
     """
 
-    def __init__(self, banned: Sequence[int], blank: torch.Tensor, prompt_len: int = 0):
+    def __init__(self, banned: Sequence[int], blank: torch.Tensor, prompt_len: Union[int, torch.Tensor] = 0):
         self.banned = torch.tensor(sorted(set(banned)), dtype=torch.long)
         self.blank = blank            # bool per token id: decodes to whitespace only
         self.prompt_len = prompt_len
@@ -59,14 +69,16 @@ class BlockFirstTokens:
         return cls(markdown_header_tokens(tok), blank)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        gen = input_ids[:, self.prompt_len:]
         # ids past the tokenizer's vocabulary (padded embedding rows) count as non-blank
-        gen = gen.clamp(max=len(self.blank) - 1)
-        at_start = self.blank.to(gen.device)[gen].all(dim=1) if gen.shape[1] else \
-            torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if at_start.any():
-            rows = at_start.nonzero().squeeze(1)
-            scores[rows.unsqueeze(1), self.banned.to(scores.device).unsqueeze(0)] = float("-inf")
+        blank = self.blank.to(input_ids.device)[input_ids.clamp(max=len(self.blank) - 1)]
+        if isinstance(self.prompt_len, torch.Tensor):
+            cols = torch.arange(input_ids.shape[1], device=input_ids.device)
+            in_prompt = cols.unsqueeze(0) < self.prompt_len.to(input_ids.device).unsqueeze(1)
+            at_start = (blank | in_prompt).all(dim=1)
+        else:
+            at_start = blank[:, self.prompt_len:].all(dim=1)
+        scores[:, self.banned.to(scores.device)] = torch.where(
+            at_start.unsqueeze(1), float("-inf"), scores[:, self.banned.to(scores.device)])
         return scores
 
 
@@ -75,9 +87,319 @@ def markdown_header_tokens(tok) -> list[int]:
     return [tid for tid in range(len(tok)) if tok.decode([tid]).lstrip(" \t").startswith("#")]
 
 
+# ---------------------------------------------------------------- pool sizing
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of K and V cache one token takes over all layers (2 x layers x KV heads x head dim x dtype size)."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * size
+
+
+def rows_that_fit(model, row_tokens: int, limit: int = 1024, memory_fraction: float = 0.7) -> int:
+    """Rows in flight that fit in free GPU memory: each holds `row_tokens` of KV cache plus one step's logits
+    (float32 scores, their sort and indices for top-p: ~20 bytes per vocabulary entry). The weights are already
+    loaded, so free memory is what the model leaves; 30% stays free for prefill activations and the allocator."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return limit
+    free, _ = torch.cuda.mem_get_info(device)
+    per_row = kv_bytes_per_token(model) * row_tokens + 20 * model.config.get_text_config(decoder=True).vocab_size
+    return max(1, min(limit, int(free * memory_fraction) // per_row))
+
+
+# ---------------------------------------------------------------- the pool's KV cache
+
+def _pool_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PoolLayer(_PoolLayer, DynamicLayer):
+        pass
+
+    return PoolLayer
+
+
+class _PoolLayer:
+    """One layer's K/V in buffers preallocated for the whole pool, [max rows, heads, columns, dim].
+
+    Rows [0, rows) are in flight and columns [start, end) are live; every row shares the column layout (left
+    padding, masked out), as in a padded batch. A decode step writes one column in place."""
+
+    is_sliding = False
+    is_compileable = False
+    is_initialized = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.k, self.v = keys, values
+        self.rows = self.start = self.end = 0
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.k[:self.rows, :, self.start:self.end]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.v[:self.rows, :, self.start:self.end]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[2]
+        self.k[:self.rows, :, self.end:self.end + n] = key_states
+        self.v[:self.rows, :, self.end:self.end + n] = value_states
+        self.end += n
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.end - self.start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def pool_supported(model) -> bool:
+    """The pool drives plain decoder-only models whose every layer has a full-attention cache."""
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
+        return False      # virtual tokens are added by PEFT's own generate
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=model.config)
+    except Exception:     # noqa: BLE001  (configs without a text decoder)
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+# ---------------------------------------------------------------- sampling
+
+def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, sample: torch.Tensor):
+    """Next token per row: argmax where `sample` is False, else temperature + nucleus (top-p) sampling."""
+    greedy = scores.argmax(dim=-1)
+    if not bool(sample.any()):
+        return greedy
+    logits = scores / temperature.unsqueeze(1)
+    if bool((top_p < 1).any()):
+        # as transformers' TopPLogitsWarper: drop the tail whose mass before it already exceeds top_p
+        srt, idx = logits.sort(dim=-1, descending=True)
+        probs = srt.softmax(dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) > top_p.unsqueeze(1)
+        drop[:, 0] = False
+        logits = logits.scatter(1, idx, srt.masked_fill(drop, float("-inf")))
+    picked = torch.multinomial(logits.softmax(dim=-1), 1).squeeze(1)
+    return torch.where(sample, picked, greedy)
+
+
+# ---------------------------------------------------------------- the pool
+
+_META = (("pos", torch.long), ("n", torch.long), ("limit", torch.long), ("temp", torch.float32),
+         ("top_p", torch.float32), ("sample", torch.bool), ("last", torch.long), ("gen_col", torch.long))
+
+
+class _Pool:
+    """Rows in flight, kept at the front of preallocated buffers: K/V per layer, the token and attention-mask
+    window, per-row sampling settings. A finished row's slot is refilled by moving the last row into it."""
+
+    def __init__(self, model, tok, stop: list[int], max_rows: int, cols: int, processors):
+        self.model, self.processors = model, processors or []
+        self.device = next(model.parameters()).device
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.stop = torch.tensor(stop, device=self.device)
+        self.max_rows, self.cols = max_rows, cols
+        self.layers: list[_PoolLayer] = []
+        self.size = self.start = self.end = 0
+        self.ids = torch.full((max_rows, cols), self.pad, dtype=torch.long, device=self.device)
+        self.mask = torch.zeros(max_rows, cols, dtype=torch.long, device=self.device)
+        self.meta = {k: torch.zeros(max_rows, dtype=t, device=self.device) for k, t in _META}
+        self.index: list[int] = []          # input index per row
+        self.out: list[list[int]] = []      # tokens picked per row (host side)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _tensors(self):
+        yield self.ids
+        yield self.mask
+        yield from self.meta.values()
+        for layer in self.layers:
+            yield layer.k
+            yield layer.v
+
+    def _pick(self, logits, ids, rows: slice) -> torch.Tensor:
+        """Scores of `rows` -> next token; `ids` is their token window (ending at column `end`)."""
+        scores = logits.float()
+        meta = {k: v[rows] for k, v in self.meta.items()}
+        for p in self.processors:
+            if hasattr(p, "prompt_len"):
+                p.prompt_len = meta["gen_col"] - (self.end - ids.shape[1])
+            scores = p(ids, scores)
+        return _choose(scores, meta["temp"], meta["top_p"], meta["sample"])
+
+    def admit(self, items: list[tuple[int, list[int], Sampling]]) -> None:
+        """Prefill `items` (input index, prompt ids, sampling) at the pool's width into the next free rows."""
+        if not self.size:
+            self.start = 0
+            self.end = max(len(p) for _, p, _ in items)
+        width = self.end - self.start
+        assert all(len(p) <= width for _, p, _ in items), "prompts are admitted longest first"
+        n, lo = len(items), self.size
+        rows = slice(lo, lo + n)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        for i, (_, p, _) in enumerate(items):   # left padding: every row's next token goes to column `end`
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)          # position ids as transformers' generate makes them
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        if not self.layers:
+            layer_cls = _pool_layer_class()   # a transformers cache layer, so Cache sees attention layers
+            self.layers = [layer_cls(layer.keys.new_zeros(self.max_rows, layer.keys.shape[1], self.cols,
+                                                           layer.keys.shape[3]),
+                                      layer.values.new_zeros(self.max_rows, layer.values.shape[1], self.cols,
+                                                             layer.values.shape[3]))
+                           for layer in out.past_key_values.layers]
+        cols = slice(self.start, self.end)
+        for layer, new in zip(self.layers, out.past_key_values.layers):
+            layer.k[rows, :, cols], layer.v[rows, :, cols] = new.keys, new.values
+        self.ids[rows], self.mask[rows] = self.pad, 0
+        self.ids[rows, cols], self.mask[rows, cols] = ids, mask
+        for key, value in (("pos", mask.sum(-1)), ("n", 1), ("gen_col", self.end),
+                           ("limit", [s.max_new_tokens for _, _, s in items]),
+                           ("temp", [max(s.temperature, 1e-5) for _, _, s in items]),
+                           ("top_p", [s.top_p for _, _, s in items]), ("sample", [s.do_sample for _, _, s in items])):
+            self.meta[key][rows] = torch.as_tensor(value, dtype=self.meta[key].dtype).to(self.device) \
+                if not isinstance(value, torch.Tensor) else value
+        self.meta["last"][rows] = self._pick(out.logits[:, -1], ids, rows)
+        del out
+        self.size += n
+        self.index += [i for i, _, _ in items]
+        self.out += [[] for _ in items]
+
+    def step(self) -> None:
+        """One decode step for every row in flight: feed each row's last token, pick the next."""
+        if self.end == self.cols:
+            self._shift()
+        live = slice(0, self.size)
+        col = self.end
+        self.ids[live, col] = self.meta["last"][live]
+        self.mask[live, col] = 1
+        for layer in self.layers:
+            layer.rows, layer.start, layer.end = self.size, self.start, self.end
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = self.layers
+        out = self.model(input_ids=self.meta["last"][live].unsqueeze(1),
+                         attention_mask=self.mask[live, self.start:col + 1],
+                         position_ids=self.meta["pos"][live].unsqueeze(1), past_key_values=cache, use_cache=True)
+        self.end = col + 1
+        self.meta["pos"][live] += 1
+        self.meta["n"][live] += 1
+        self.meta["last"][live] = self._pick(out.logits[:, -1], self.ids[live, self.start:self.end], live)
+
+    def record(self) -> None:
+        for row, t in zip(self.out, self.meta["last"][:self.size].tolist()):
+            row.append(t)
+
+    def finished(self) -> torch.Tensor:
+        """Rows whose last picked token is a stop token, or that reached their token limit."""
+        live = slice(0, self.size)
+        return torch.isin(self.meta["last"][live], self.stop) | (self.meta["n"][live] >= self.meta["limit"][live])
+
+    def remove(self, done: list[int]) -> None:
+        """Free the rows `done`: the last rows in flight move into their slots (only those rows are copied)."""
+        keep = self.size - len(done)
+        gone = set(done)
+        holes = [r for r in done if r < keep]
+        movers = [r for r in range(keep, self.size) if r not in gone]
+        if holes:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            for t in self._tensors():
+                t[dst] = t[src]
+            for h, m in zip(holes, movers):
+                self.index[h], self.out[h] = self.index[m], self.out[m]
+        del self.index[keep:], self.out[keep:]
+        self.size = keep
+        if keep:   # drop leading columns no row in flight uses
+            used = self.mask[:keep, self.start:self.end].any(dim=0).nonzero()
+            self.start += int(used[0]) if used.numel() else 0
+
+    def _shift(self) -> None:
+        """The buffers' right edge is reached: move the live columns [start, end) to the left edge."""
+        width, live = self.end - self.start, slice(0, self.size)
+        self.ids[live, :width] = self.ids[live, self.start:self.end].clone()
+        self.mask[live, :width] = self.mask[live, self.start:self.end].clone()
+        self.mask[live, width:] = 0
+        for layer in self.layers:
+            layer.k[live, :, :width] = layer.k[live, :, self.start:self.end].clone()
+            layer.v[live, :, :width] = layer.v[live, :, self.start:self.end].clone()
+        self.meta["gen_col"][live] -= self.start
+        self.start, self.end = 0, width
+
+
+def _completion(tok, tokens: list[int], stop: set[int], limit: int) -> Completion:
+    ended = bool(tokens) and tokens[-1] in stop
+    body = tokens[:-1] if ended else tokens[:limit]
+    return Completion(tok.decode(body, skip_special_tokens=True).strip(), len(body), ended)
+
+
+def pool_columns(inputs: list[list[int]], per_row: Sequence[Sampling]) -> int:
+    """Columns of the pool's buffers: the longest row at full length, plus half again so that the live window
+    (which slides right as rows come and go) is moved back to the left edge only every so many steps."""
+    longest = max(map(len, inputs)) + max(s.max_new_tokens for s in per_row) + 1
+    return longest + max(16, longest // 2)
+
+
 @torch.inference_mode()
-def generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
-                   logits_processors: Optional[list] = None) -> list[Completion]:
+def generate_pool(model, tok, inputs: list[list[int]], sampling: Union[Sampling, Sequence[Sampling]],
+                  max_rows: int, logits_processors: Optional[list] = None, bar=None,
+                  prefill_tokens: int = 32_768) -> list[Completion]:
+    """Generate for every input with at most `max_rows` rows in flight; a finished row's slot goes to a waiting
+    prompt. Prompts are admitted longest first (a newcomer always fits the live window), in prefill groups of at
+    most `prefill_tokens` tokens, once a quarter of the slots are free (fewer, larger prefills)."""
+    per_row = [sampling] * len(inputs) if isinstance(sampling, Sampling) else list(sampling)
+    stop = eos_ids(model, tok)
+    stop_set = set(stop)
+    max_rows = max(1, min(max_rows, len(inputs)))
+    pool = _Pool(model, tok, stop, max_rows, pool_columns(inputs, per_row), logits_processors)
+    waiting = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+    results: list[Optional[Completion]] = [None] * len(inputs)
+    refill_below = max(1, (3 * max_rows) // 4)
+    while waiting or len(pool):
+        if waiting and len(pool) < refill_below:
+            while waiting and len(pool) < max_rows:   # groups join back to back: each pick is recorded once
+                width = (pool.end - pool.start) if len(pool) else len(inputs[waiting[0]])
+                group = max(1, min(max_rows - len(pool), prefill_tokens // max(1, width)))
+                take, waiting = waiting[:group], waiting[group:]
+                pool.admit([(i, inputs[i], per_row[i]) for i in take])
+        pool.record()
+        done = pool.finished().nonzero().squeeze(1).tolist()
+        if done:
+            for r in done:
+                i = pool.index[r]
+                results[i] = _completion(tok, pool.out[r], stop_set, per_row[i].max_new_tokens)
+            if bar is not None:
+                bar.update(len(done))
+            pool.remove(done)
+            if not len(pool):
+                continue
+        pool.step()
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- transformers' generate (fallback)
+
+@torch.inference_mode()
+def _hf_generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
+                       logits_processors: Optional[list] = None) -> list[Completion]:
     pad = tok.pad_token_id
     width = max(map(len, batch))
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -113,16 +435,49 @@ def generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
     return results
 
 
-def generate(model, tok, inputs: list[list[int]], sampling: Sampling, batch_size: int,
-             logits_processors: Optional[list] = None, desc: Optional[str] = None) -> list[Completion]:
-    """Generate for every input, batched by similar length (less padding), results in input order."""
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    results: list[Optional[Completion]] = [None] * len(inputs)
+# ---------------------------------------------------------------- public entry points
+
+def generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
+                   logits_processors: Optional[list] = None) -> list[Completion]:
+    """All of `batch` in flight at once (one small call, e.g. a chat reply)."""
+    if pool_supported(model):
+        return generate_pool(model, tok, batch, sampling, len(batch), logits_processors)
+    return _hf_generate_batch(model, tok, batch, sampling, logits_processors)
+
+
+def generate(model, tok, inputs: list[list[int]], sampling: Union[Sampling, Sequence[Sampling]],
+             batch_size: Optional[int] = None, logits_processors: Optional[list] = None,
+             desc: Optional[str] = None) -> list[Completion]:
+    """Generate for every input; results in input order.
+
+    `sampling` is one setting for all inputs or one per input (e.g. several temperatures in one call).
+    `batch_size` caps the rows in flight; None or 0 sizes the pool by free GPU memory (`rows_that_fit`). On a GPU
+    the pool never exceeds what fits, whatever `batch_size` says.
+    """
+    if not inputs:
+        return []
+    per_row = [sampling] * len(inputs) if isinstance(sampling, Sampling) else list(sampling)
     bar = tqdm(total=len(inputs), desc=desc, unit="row", disable=desc is None)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        for i, c in zip(idx, generate_batch(model, tok, [inputs[i] for i in idx], sampling, logits_processors)):
+    try:
+        if pool_supported(model):
+            fit = rows_that_fit(model, pool_columns(inputs, per_row), limit=len(inputs))
+            rows = min(fit, batch_size) if batch_size else fit
+            return generate_pool(model, tok, inputs, per_row, max(1, rows), logits_processors, bar)
+        return _generate_hf_batches(model, tok, inputs, per_row, batch_size or 16, logits_processors, bar)
+    finally:
+        bar.close()
+
+
+def _generate_hf_batches(model, tok, inputs, per_row, batch_size, processors, bar) -> list[Completion]:
+    """model.generate over length-sorted batches of equal sampling settings."""
+    order = sorted(range(len(inputs)), key=lambda i: (repr(per_row[i]), len(inputs[i])))
+    results: list[Optional[Completion]] = [None] * len(inputs)
+    start = 0
+    while start < len(order):
+        s = per_row[order[start]]
+        idx = [i for i in order[start:start + batch_size] if per_row[i] == s]
+        for i, c in zip(idx, _hf_generate_batch(model, tok, [inputs[i] for i in idx], s, processors)):
             results[i] = c
         bar.update(len(idx))
-    bar.close()
+        start += len(idx)
     return results  # type: ignore[return-value]

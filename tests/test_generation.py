@@ -1,0 +1,163 @@
+"""sitlib.generation's pool: greedy outputs equal transformers' generate, the header block applies, a row that
+stops leaves the pool (and changes no other row), per-row sampling settings, memory sizing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sitlib import generation as G
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token, tok.padding_side = "<|endoftext|>", "left"   # pad distinct from EOS, as sitlib.models does
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return model, tok
+
+
+def _prompts(n=10, seed=0, vocab=300):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(k),), generator=g).tolist() for k in torch.randint(2, 24, (n,), generator=g)]
+
+
+class _Quiet:
+    def update(self, n):
+        pass
+
+
+def test_pool_is_used_for_plain_decoders(lm):
+    assert G.pool_supported(lm[0])
+
+
+@pytest.mark.parametrize("rows", [3, 10])
+def test_greedy_equals_transformers_generate(lm, rows):
+    model, tok = lm
+    inputs = _prompts()
+    s = G.Sampling.greedy(20)
+    ours = G.generate(model, tok, inputs, s, batch_size=rows)
+    ref = G._generate_hf_batches(model, tok, inputs, [s] * len(inputs), 4, None, _Quiet())
+    assert [(c.text, c.n_tokens, c.ended) for c in ours] == [(c.text, c.n_tokens, c.ended) for c in ref]
+    with torch.no_grad():   # and against plain model.generate on each prompt alone, token by token
+        for p, c in zip(inputs[:4], ours):
+            out = model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=G.eos_ids(model, tok))[0, len(p):]
+            toks = out.tolist()
+            n = next((j for j, t in enumerate(toks) if t in G.eos_ids(model, tok)), len(toks))
+            assert c.n_tokens == n and c.text == tok.decode(toks[:n], skip_special_tokens=True).strip()
+
+
+class _StopAfter:
+    """Forces EOS once a row has `n` generated tokens, for rows whose prompt starts with `marker`."""
+
+    def __init__(self, eos: int, n: int, marker: int):
+        self.eos, self.n, self.marker, self.prompt_len = eos, n, marker, 0
+
+    def __call__(self, input_ids, scores):
+        pl = self.prompt_len
+        pl = pl if isinstance(pl, torch.Tensor) else torch.full((len(input_ids),), pl)
+        gen = input_ids.shape[1] - pl
+        first = input_ids.gather(1, ((input_ids != 0).long().argmax(1)).unsqueeze(1)).squeeze(1)
+        hit = (gen >= self.n) & (first == self.marker)
+        scores[hit] = float("-inf")
+        scores[hit, self.eos] = 0.0
+        return scores
+
+
+def test_rows_that_stop_leave_the_pool(lm, monkeypatch):
+    model, tok = lm
+    inputs = _prompts(8)
+    for p in inputs[:4]:
+        p[0] = 7                      # these four stop after 3 tokens
+    for p in inputs[4:]:
+        p[0] = 9
+    batch_sizes = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: batch_sizes.append(k["input_ids"].shape[0])
+                        or real_forward(*a, **k))
+    stop = _StopAfter(tok.eos_token_id, 3, marker=7)
+    out = G.generate(model, tok, inputs, G.Sampling.greedy(16), batch_size=8, logits_processors=[stop])
+    assert [c.n_tokens for c in out[:4]] == [3] * 4 and all(c.ended for c in out[:4])
+    assert batch_sizes[0] == 8 and 4 in batch_sizes     # the four short rows left after their EOS
+    assert len([b for b in batch_sizes if b == 8]) == 4  # prefill + 3 steps (the 4th pick is their EOS)
+    monkeypatch.undo()
+    for p, c in zip(inputs[4:], out[4:]):               # the long rows are what they are alone
+        alone = G.generate(model, tok, [p], G.Sampling.greedy(16), batch_size=1, logits_processors=[stop])[0]
+        assert (alone.text, alone.n_tokens) == (c.text, c.n_tokens)
+
+
+def test_refill_keeps_outputs(lm):
+    """With 2 slots for 9 prompts, finished rows hand their slot to waiting prompts: outputs are unchanged."""
+    model, tok = lm
+    inputs = _prompts(9, seed=3)
+    s = G.Sampling.greedy(12)
+    small = G.generate(model, tok, inputs, s, batch_size=2)
+    whole = G.generate(model, tok, inputs, s, batch_size=9)
+    assert [(c.text, c.n_tokens) for c in small] == [(c.text, c.n_tokens) for c in whole]
+
+
+def test_header_block_applied(lm):
+    """Banned tokens never open a generation: with every prompt's greedy first token banned, the pool picks the
+    best allowed one (one token, so the check is exact)."""
+    model, tok = lm
+    inputs = _prompts(6, seed=5)
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([p])).logits[0, -1] for p in inputs]
+    banned = sorted({int(x.argmax()) for x in logits})
+    blank = torch.zeros(len(tok), dtype=torch.bool)
+    block = G.BlockFirstTokens(banned, blank)
+    out = G.generate(model, tok, inputs, G.Sampling.greedy(1), batch_size=3, logits_processors=[block])
+    for x, c in zip(logits, out):
+        x = x.clone()
+        x[banned] = float("-inf")
+        assert c.text == tok.decode([int(x.argmax())], skip_special_tokens=True).strip()
+
+
+def test_markdown_header_block_on_sampling(lm):
+    model, tok = lm
+    block = G.BlockFirstTokens.markdown_headers(tok)
+    torch.manual_seed(0)
+    out = G.generate(model, tok, _prompts(12, seed=2), G.Sampling(6, temperature=2.0, top_p=1.0), 4,
+                     logits_processors=[block])
+    assert all(not c.text.lstrip().startswith("#") for c in out)
+
+
+def test_per_row_sampling_settings(lm):
+    """One call with several settings: greedy rows equal a greedy-only call; each row keeps its own limit."""
+    model, tok = lm
+    inputs = _prompts(6, seed=7)
+    settings = [G.Sampling.greedy(5), G.Sampling(9, temperature=1.2, top_p=0.9)] * 3
+    torch.manual_seed(0)
+    mixed = G.generate(model, tok, inputs, settings, batch_size=4)
+    greedy = G.generate(model, tok, inputs[0::2], G.Sampling.greedy(5), batch_size=4)
+    assert [(c.text, c.n_tokens) for c in mixed[0::2]] == [(c.text, c.n_tokens) for c in greedy]
+    assert all(c.n_tokens <= 9 for c in mixed[1::2]) and all(c.n_tokens <= 5 for c in mixed[0::2])
+
+
+def test_top_p_keeps_the_nucleus():
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    picks = {int(G._choose(scores, torch.tensor([1.0]), torch.tensor([0.7]), torch.tensor([True])))
+             for _ in range(200)}
+    assert picks == {0, 1}
+
+
+def test_rows_that_fit_scales_with_kv_size(lm):
+    model, _ = lm
+    cfg = model.config
+    assert G.kv_bytes_per_token(model) == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * \
+        (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert G.rows_that_fit(model, 100, limit=37) == 37   # no GPU: the caller's limit
+
+
+def test_prompt_tuning_falls_back_to_generate(lm):
+    from peft import PromptTuningConfig, get_peft_model
+
+    model, tok = lm
+    pt = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert not G.pool_supported(pt)
+    out = G.generate(pt, tok, _prompts(3), G.Sampling.greedy(5), batch_size=2)
+    assert len(out) == 3 and all(c.n_tokens <= 5 for c in out)
+    pt.unload() if hasattr(pt, "unload") else None
