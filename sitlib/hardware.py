@@ -193,8 +193,9 @@ def check_fits(profile: Profile, det: Detection) -> None:
         raise ProfileError(f"profile '{profile.name}' needs a CUDA GPU and none is present; "
                            f"use PROFILE='cpu' or 'auto'")
     if det.memory_gb and det.memory_gb < LABEL_TOLERANCE * profile.min_memory_gb:
-        raise ProfileError(f"profile '{profile.name}' needs a {profile.min_memory_gb:g} GB card; this card has "
-                           f"{det.memory_gb:.1f} GB: use PROFILE='{det.profile}' (or 'auto')")
+        size = f"{profile.min_memory_gb:g}"
+        raise ProfileError(f"profile '{profile.name}' was measured for a{'n' if size[0] == '8' else ''} {size} GB card "
+                           f"and this card has {det.memory_gb:.1f} GB: use PROFILE='{det.profile}' (or 'auto')")
 
 
 def get_profile(name: str = "auto") -> tuple[Profile, Detection]:

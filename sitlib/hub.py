@@ -18,6 +18,7 @@ KNOWN_GATED_PREFIXES = ("meta-llama/", "google/gemma", "mistralai/")
 ADD_TOKEN = ("add your token as the Colab secret HF_TOKEN (or the HF_TOKEN environment variable, or run "
              "`hf auth login`)")
 ROLES = ("student", "teacher", "reward")
+GUIDE = "docs/user_guide.md, 'Hugging Face login and gated models'"
 
 _checked: set[str] = set()   # ids already checked in this process (each stage loads a model more than once)
 
@@ -89,10 +90,10 @@ def gated_message(model_id: str, token_source: str) -> str:
     page = f"{HUB}/{model_id}"
     if token_source == "none":
         return (f"{model_id} is gated and no Hugging Face token was found: accept its licence at {page}, then "
-                f"{ADD_TOKEN}; or switch to an ungated model (docs/user_guide.md, 'Gated models')")
+                f"{ADD_TOKEN}; or switch to an ungated model ({GUIDE})")
     return (f"{model_id} is gated and the token from the {token_source} has no access to it yet: accept its "
             f"licence at {page} (approval can take a while) with the account of that token; or switch to an "
-            f"ungated model (docs/user_guide.md, 'Gated models')")
+            f"ungated model ({GUIDE})")
 
 
 def offline_message(model_id: str) -> str:

@@ -127,7 +127,8 @@ def test_stage_costs_reads_measured_files_only(tmp_path):
     assert hardware.stage_costs("sft", tmp_path) == []
     assert "not measured" in hardware.describe_stage_costs("sft", tmp_path)
     (tmp_path / "memory_NVIDIA_H200.json").write_text(json.dumps({"device": "NVIDIA H200", "profiles": {
-        "l4": {"card_gb": 22.5, "stages": {"sft": {"peak_gb": 17.25, "ok": True}, "dpo": {"peak_gb": 19.0, "ok": True}}},
+        "l4": {"card_gb": 22.5, "stages": {"sft": {"peak_gb": 17.25, "ok": True},
+                                           "dpo": {"peak_gb": 19.0, "ok": True}}},
         "t4": {"card_gb": 15, "stages": {"dpo": {"peak_gb": 9.0, "ok": True}}}}}))
     (tmp_path / "series_NVIDIA_L4.json").write_text(json.dumps(
         {"device": "NVIDIA L4", "profile": "l4", "stages": {"sft": {"seconds": 600.0}}}))
