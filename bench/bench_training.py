@@ -1,39 +1,49 @@
-"""Training throughput of sitlib's own stages on a GPU: the h100 profile (bf16 LoRA, padding-free) against the
-t4 profile (4-bit QLoRA, fp16, gradient checkpointing — the original series' recipe), same data, same GPU.
+"""Training throughput, side by side in one process on random weights of the student's shape (Llama-3.2-3B):
+the original series' recipe, the best stock TRL variant, and sitlib's own path (the blocks notebooks 05/05b/06
+use, under a GPU profile). Same rows for every variant; each warms up (its first steps are not timed).
 
-Random weights of the Llama-3.2-3B shape and a small BPE tokenizer built here (nothing is downloaded); the
-rows are synthetic text, so only speed and memory mean anything:
-    python bench/bench_training.py [--steps 30] [--out bench/results]
-Writes bench/results/training_3b_<device>.json: tokens/s, peak memory and loss per profile, and the ratio.
+    python bench/bench_training.py [--sections sft,dpo,prompt_tuning] [--steps 20] [--warm 5] [--rows 900]
+                                   [--sitlib-attn sit_varlen] [--set lora.dropout=0.0] [--out bench/results]
+
+SFT variants: seed_recipe (4-bit NF4, checkpointing, dropout 0.05, padded, paged AdamW; needs bitsandbytes),
+stock_best (TRL bf16 + padding-free + Liger when importable, dropout 0), sitlib (profile h100 with
+--sitlib-attn), sitlib_plain (the same profile, SDPA, padded: the loss reference for the faster attention).
+DPO: seed_recipe (policy and reference as two 4-bit models) vs sitlib (one bf16 base, the reference is a frozen
+copy of the adapter). Prompt tuning: seed_recipe (every batch padded to 2,048 tokens) vs sitlib.
+Merges {"sft": ..., "dpo": ..., "prompt_tuning": ...} into bench/results/<date>_<device>.json.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import importlib.util
 import json
+import math
 import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import build_tiny_tokenizer  # noqa: E402  (a BPE tokenizer with a ChatML template)
-
-from sitlib import training  # noqa: E402
-from sitlib.artifacts import write_jsonl  # noqa: E402
-from sitlib.session import setup  # noqa: E402
+from common import mfu, param_count, record, save_random_model  # noqa: E402
+from conftest import build_tiny_tokenizer  # noqa: E402  (a byte-level BPE tokenizer with a ChatML template)
 
 WORDS = ("the sea poem capital answer numbers photosynthesis list write short explain simple words what is "
          "title section sure here one two hello world step add").split()
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def random_fingerprints() -> None:
-    """On the GPU machine, datasets (carried via PYTHONPATH on Python 3.12) fails to pickle pyarrow's MonthDayNano
-    while hashing a new Dataset; the hash only names cache files, so a random one changes nothing measured."""
+    """On a machine where datasets cannot pickle pyarrow's MonthDayNano while hashing a new Dataset; the hash
+    only names cache files, so a random one changes nothing measured (SIT_BENCH_RANDOM_FINGERPRINTS=1)."""
     import secrets
 
     import datasets.arrow_dataset as ad
@@ -41,85 +51,381 @@ def random_fingerprints() -> None:
     ad.generate_fingerprint = lambda dataset: secrets.token_hex(8)
 
 
-def build_model(path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+# ---------------------------------------------------------------- data and model
 
-    if (path / "config.json").exists():
-        return
-    tok = build_tiny_tokenizer(path)
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                      num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
-                      rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.device("cuda"):
-        m = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    m.save_pretrained(path)
-    del m
+def _text(rng, n_words):
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+
+
+def write_data(S, n_rows: int) -> None:
+    """Chat rows of ~300 tokens (lognormal, capped at 1,024), a quarter of them prompt; pairs for DPO."""
+    from sitlib.artifacts import write_jsonl
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n_rows):
+        n = int(min(700, max(24, rng.lognormvariate(math.log(200), 0.6))))   # words; ~1.5 tokens each
+        rows.append({"id": i, "prompt": [{"role": "user", "content": _text(rng, max(4, n // 4))}],
+                     "completion": [{"role": "assistant", "content": _text(rng, n - n // 4)}]})
+    cut = n_rows - max(8, n_rows // 100)
+    write_jsonl(S.paths.data_filtered / "sft_train.jsonl", rows[:cut])
+    write_jsonl(S.paths.data_filtered / "sft_val.jsonl", rows[cut:])
+    pairs = [{"id": r["id"], "prompt": r["prompt"], "chosen": r["completion"],
+              "rejected": [{"role": "assistant", "content": _text(rng, len(r["completion"][0]["content"].split()))}]}
+             for r in rows[:600]]
+    write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:540])
+    write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[540:])
+
+
+def model_dir() -> Path:
+    path = Path(tempfile.gettempdir()) / "sit_bench_llama_3b"
+    if not (path / "tokenizer_config.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        build_tiny_tokenizer(path)
+    torch.manual_seed(0)
+    return save_random_model("3b", path)
+
+
+# ---------------------------------------------------------------- measuring
+
+class Clock:
+    """A TrainerCallback (built lazily: transformers is imported late) that stamps the end of every step."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Clock(TrainerCallback):
+            def __init__(self):
+                self.t = []
+
+            def on_step_end(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                self.t.append(time.perf_counter())
+
+        return _Clock()
+
+
+def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tokens") -> dict:
+    """Real (non-padding) tokens/s over the steps after `warm`, peak memory, MFU, the logged losses."""
+    torch.cuda.reset_peak_memory_stats()
+    err = None
+    try:
+        trainer.train()
+    except Exception as e:   # noqa: BLE001  (one variant's failure is a result, not the end of the run)
+        err = repr(e)[:400]
+    hist = trainer.state.log_history
+    ntok = [h[tokens_key] for h in hist if tokens_key in h]
+    t = clock.t
+    out = {"peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "losses": [round(h["loss"], 4) for h in hist if "loss" in h][:20]}
+    if err:
+        out["error"] = err
+    if len(t) > warm + 1 and len(ntok) == len(t):
+        tps = (ntok[-1] - ntok[warm - 1]) / (t[-1] - t[warm - 1])
+        # LoRA on frozen weights: forward 2N + input gradients 2N FLOPs per token (recomputation not counted)
+        out.update(real_tok_per_s=round(tps), step_s=round((t[-1] - t[warm - 1]) / (len(t) - warm), 3),
+                   mfu=mfu(4 * n_params * tps), timed_steps=len(t) - warm)
+    return out
+
+
+def free() -> None:
+    """Release what the last variant left (its locals are gone once it returns)."""
+    gc.collect()
     torch.cuda.empty_cache()
 
 
-def text(rng, lo, hi):
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randrange(lo, hi))) + "."
+def have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
-def write_data(S, rng) -> None:
-    rows = [{"id": i, "prompt": [{"role": "user", "content": text(rng, 20, 80)}],
-             "completion": [{"role": "assistant", "content": text(rng, 60, 220)}]} for i in range(1000)]
-    write_jsonl(S.paths.data_filtered / "sft_train.jsonl", rows[:992])
-    write_jsonl(S.paths.data_filtered / "sft_val.jsonl", rows[992:])
-    pairs = [{"id": r["id"], "prompt": r["prompt"], "chosen": r["completion"],
-              "rejected": [{"role": "assistant", "content": text(rng, 60, 220)}]} for r in rows[:200]]
-    write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:192])
-    write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[192:])
+def bnb_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def run(profile: str, model_dir: Path, steps: int, dpo: bool) -> dict:
-    over = {"models.student": str(model_dir), "models.max_seq_length": 1024, "sft.max_steps": steps,
-            "sft.save_steps": 10_000, "sft.eval_steps": 10_000, "sft.logging_steps": 5, "sft.sample_prompts": 0,
-            "dpo.max_steps": 10, "dpo.save_steps": 10_000, "dpo.eval_steps": 10_000, "dpo.logging_steps": 5}
-    S = setup(profile, tempfile.mkdtemp(prefix=f"sit-bench-{profile}-"), overrides=over, verbose=False)
-    write_data(S, random.Random(0))
-    torch.cuda.reset_peak_memory_stats()
-    sft = training.train_sft(S)
-    keep = ("method", "steps", "tokens_this_run", "runtime_seconds", "tokens_per_second", "peak_memory_gb",
-            "train_loss", "trainable_parameters", "total_parameters")
-    out = {"sft": {k: sft[k] for k in keep},
-           "settings": {"batch": S.config.sft.batch_size, "accumulation": S.config.sft.gradient_accumulation,
-                        "dtype": S.profile.dtype, "load_in_4bit": S.profile.load_in_4bit,
-                        "gradient_checkpointing": S.profile.gradient_checkpointing,
-                        "padding_free": S.profile.padding_free, "optimizer": S.config.sft.optimizer}}
-    if dpo:
-        torch.cuda.reset_peak_memory_stats()
-        d = training.train_dpo(S)
-        out["dpo"] = {k: d[k] for k in ("steps", "tokens_this_run", "runtime_seconds", "tokens_per_second",
-                                        "peak_memory_gb", "train_loss", "eval_reward_accuracy")}
-    print(json.dumps({profile: out}), flush=True)
+def load(path: Path, four_bit: bool = False, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"quantization_config": bnb_config()} if four_bit else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0},
+                                                attn_implementation=attn, **kw)
+
+
+def trl_args(cls, name: str, steps: int, **kw):
+    return cls(output_dir=os.path.join(tempfile.gettempdir(), f"sit-bench-{name}"), max_steps=steps,
+               learning_rate=2e-4, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+               bf16=True, dataloader_num_workers=0, seed=0, **kw)
+
+
+# ---------------------------------------------------------------- sitlib's session
+
+def session(profile: str, attn: str, padding_free: bool, sets: dict, steps: int):
+    """sitlib.setup under `profile` with its attention / padding-free replaced (what the profile would ship)."""
+    from sitlib import hardware
+    from sitlib.session import setup
+
+    base = hardware.PROFILES[profile]
+    hardware.PROFILES[profile] = dataclasses.replace(base, attn_implementation=attn, padding_free=padding_free)
+    over = {"sft.max_steps": steps, "sft.save_steps": 10_000, "sft.eval_steps": 10_000, "sft.logging_steps": 1,
+            "prompt_tuning.max_steps": steps, "prompt_tuning.save_steps": 10_000,
+            "prompt_tuning.eval_steps": 10_000, "prompt_tuning.logging_steps": 1,
+            "dpo.max_steps": steps, "dpo.save_steps": 10_000, "dpo.eval_steps": 10_000, "dpo.logging_steps": 1,
+            "models.max_seq_length": 1024, **sets}
+    try:
+        S = setup(profile, tempfile.mkdtemp(prefix="sit-bench-"), overrides=over, verbose=False)
+    finally:
+        hardware.PROFILES[profile] = base
+    S = dataclasses.replace(S, profile=dataclasses.replace(base, attn_implementation=attn,
+                                                           padding_free=padding_free))
+    return S
+
+
+# ---------------------------------------------------------------- SFT
+
+def sft_seed_recipe(path, tok, train, steps, n_params, warm):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    model = prepare_model_for_kbit_training(load(path, four_bit=True), use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_MODULES,
+                                             task_type="CAUSAL_LM"))
+    args = trl_args(SFTConfig, "seed", steps, per_device_train_batch_size=12, gradient_accumulation_steps=2,
+                    optim="paged_adamw_32bit", lr_scheduler_type="cosine", max_length=1024,
+                    completion_only_loss=False, gradient_checkpointing=True)
+    clock = Clock()
+    tr = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[clock])
+    res = measure(tr, clock, warm, n_params)
+    return {**res, "how": "4-bit NF4 + double quant, checkpointing, LoRA dropout 0.05, padded, batch 12x2, "
+                          "paged_adamw_32bit, loss on the whole sequence"}
+
+
+def sft_stock_best(path, tok, train, steps, n_params, warm):
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    liger = have("liger_kernel")
+    args = trl_args(SFTConfig, "stock", steps, per_device_train_batch_size=12, gradient_accumulation_steps=2,
+                    padding_free=True, max_length=None, use_liger_kernel=liger, completion_only_loss=True,
+                    gradient_checkpointing=False)
+    clock = Clock()
+    tr = SFTTrainer(model=load(path), args=args, train_dataset=train, processing_class=tok, callbacks=[clock],
+                    peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_MODULES,
+                                           task_type="CAUSAL_LM"))
+    res = measure(tr, clock, warm, n_params)
+    return {**res, "how": f"bf16, SDPA, padding-free, Liger {'on' if liger else 'not importable'}, "
+                          "LoRA dropout 0, batch 12x2"}
+
+
+def sft_sitlib(S, steps, n_params, warm, section: str = "sft"):
+    """Notebook 05's (or 05b's) blocks: tokenized split, load_model, the config's LoRA/prompt tuning, sft_args."""
+    from peft import LoraConfig, PromptTuningConfig
+    from trl import SFTTrainer
+
+    from sitlib import training
+    from sitlib.models import load_model, load_tokenizer
+
+    write_data(S, ARGS.rows)
+    tok = load_tokenizer(S.config.models.student)
+    train, val, _ = training.tokenized_sft_split(S, tok)
+    model = load_model(S.config.models.student, S.profile, for_training=True)
+    L = S.config.lora
+    peft_cfg = LoraConfig(r=L.r, lora_alpha=L.alpha, lora_dropout=L.dropout, target_modules=list(L.target_modules),
+                          bias="none", task_type="CAUSAL_LM") if section == "sft" else \
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=S.config.prompt_tuning.num_virtual_tokens)
+    args = training.sft_args(S, section, S.paths.models_sft / "bench")
+    args.eval_strategy, args.save_strategy = "no", "no"
+    clock = Clock()
+    tr = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_cfg,
+                    callbacks=[clock])
+    res = measure(tr, clock, warm, n_params)
+    sec = getattr(S.config, section)
+    res["how"] = (f"profile {S.profile.name}: {S.profile.dtype}, attention {S.profile.attn_implementation}, "
+                  f"padding-free {args.padding_free}, batch {sec.batch_size}x{sec.gradient_accumulation}"
+                  + (f", LoRA dropout {L.dropout}" if section == "sft" else ""))
+    return res
+
+
+# ---------------------------------------------------------------- DPO
+
+def dpo_seed_recipe(path, S, steps, n_params, warm):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from trl import DPOConfig, DPOTrainer
+
+    from sitlib import training
+    from sitlib.models import load_tokenizer
+
+    tok = load_tokenizer(S.config.models.student)
+    train, _ = training.preference_split(S)
+    policy = get_peft_model(prepare_model_for_kbit_training(load(path, four_bit=True)),
+                            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_MODULES,
+                                       task_type="CAUSAL_LM"))
+    ref = load(path, four_bit=True)
+    d = S.config.dpo
+    args = trl_args(DPOConfig, "dpo-seed", steps, per_device_train_batch_size=d.batch_size,
+                    gradient_accumulation_steps=d.gradient_accumulation, gradient_checkpointing=True,
+                    learning_rate=5e-5, max_length=1024)
+    clock = Clock()
+    tr = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=train, processing_class=tok,
+                    callbacks=[clock])
+    res = measure(tr, clock, warm, n_params)
+    return {**res, "how": f"policy and reference as two 4-bit models, checkpointing, batch "
+                          f"{d.batch_size}x{d.gradient_accumulation}"}
+
+
+def dpo_sitlib(S, steps, n_params, warm):
+    """Notebook 06's blocks: a fresh LoRA adapter stands in for the SFT one (weights do not change speed)."""
+    from peft import LoraConfig, get_peft_model
+
+    from sitlib import training
+    from sitlib.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(S.config.models.student)
+    L = S.config.lora
+    sft_final = S.paths.models_sft / "final"
+    base = load_model(S.config.models.student, S.profile)
+    get_peft_model(base, LoraConfig(r=L.r, lora_alpha=L.alpha, lora_dropout=L.dropout,
+                                    target_modules=list(L.target_modules), task_type="CAUSAL_LM")
+                   ).save_pretrained(sft_final)
+    del base
+    free()
+    train, val = training.preference_split(S)
+    policy = training.dpo_policy(S, sft_final)
+    args = training.dpo_args(S, S.paths.models_dpo / "bench")
+    args.eval_strategy, args.save_strategy = "no", "no"
+    clock = Clock()
+    tr = training.dpo_trainer(policy, args, train, None, tok, callbacks=[clock])
+    res = measure(tr, clock, warm, n_params)
+    d = S.config.dpo
+    return {**res, "how": f"profile {S.profile.name}: one bf16 base, reference = frozen adapter copy, batch "
+                          f"{d.batch_size}x{d.gradient_accumulation}"}
+
+
+# ---------------------------------------------------------------- prompt tuning
+
+def pt_seed_recipe(path, S, steps, n_params, warm):
+    from peft import PromptTuningConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from sitlib import training
+    from sitlib.models import load_tokenizer
+
+    tok = load_tokenizer(S.config.models.student)
+    train, _, _ = training.tokenized_sft_split(S, tok)
+    p = S.config.prompt_tuning
+    args = trl_args(SFTConfig, "pt-seed", steps, per_device_train_batch_size=p.batch_size,
+                    gradient_accumulation_steps=p.gradient_accumulation, learning_rate=3e-4, max_length=2048,
+                    pad_to_multiple_of=2048, completion_only_loss=False, gradient_checkpointing=False)
+    clock = Clock()
+    tr = SFTTrainer(model=load(path), args=args, train_dataset=train, processing_class=tok, callbacks=[clock],
+                    peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens))
+    res = measure(tr, clock, warm, n_params)
+    return {**res, "how": f"every batch padded to 2,048 tokens, batch {p.batch_size}x{p.gradient_accumulation}, "
+                          "bf16 weights"}
+
+
+# ---------------------------------------------------------------- main
+
+def guarded(run) -> dict:
+    """A variant that fails to build is a result (its error), not the end of the run."""
+    try:
+        return run()
+    except Exception as e:   # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        return {"error": repr(e)[:400]}
+    finally:
+        free()
+
+
+def parse_sets(items) -> dict:
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        out[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("true", "false") \
+            else {"true": True, "false": False}.get(value, value)
     return out
 
 
 def main() -> None:
+    global ARGS
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--sections", default="sft,dpo,prompt_tuning")
+    ap.add_argument("--sft-variants", default="sitlib,stock_best,sitlib_plain,seed_recipe")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=900)
+    ap.add_argument("--profile", default="h100")
+    ap.add_argument("--sitlib-attn", default="sit_varlen")
+    ap.add_argument("--set", action="append", help="extra sitlib config KEY=VALUE for the sitlib variants")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    a = ap.parse_args()
+    ARGS = a = ap.parse_args()
     if os.environ.get("SIT_BENCH_RANDOM_FINGERPRINTS"):
         random_fingerprints()
-    model_dir = Path(tempfile.gettempdir()) / "bench_llama_3b_tinytok"
-    build_model(model_dir)
-    res = {"device": torch.cuda.get_device_name(0), "shape": "Llama-3.2-3B (random weights)",
-           "torch": torch.__version__, "steps": a.steps, "max_seq_length": 1024, "profiles": {}}
-    res["profiles"]["t4"] = run("t4", model_dir, a.steps, dpo=False)
-    res["profiles"]["h100"] = run("h100", model_dir, a.steps, dpo=True)
-    res["sft_tokens_per_second_ratio_h100_over_t4"] = round(
-        res["profiles"]["h100"]["sft"]["tokens_per_second"] / res["profiles"]["t4"]["sft"]["tokens_per_second"], 2)
-    name = "".join(c if c.isalnum() else "_" for c in res["device"]).strip("_")
-    body = json.dumps(res, indent=2) + "\n"
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / f"training_3b_{name}.json").write_text(body)
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / f"training_3b_{name}.json").write_text(body)
-    print(body)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    sets = {"lora.dropout": 0.0, **parse_sets(a.set)}
+    path = model_dir()
+    over = {"models.student": str(path), **sets}
+    n_params = param_count("3b")
+    steps = a.steps + a.warm
+    fast = session(a.profile, a.sitlib_attn, True, over, steps)
+    write_data(fast, a.rows)
+    sections = a.sections.split(",")
 
+    if "sft" in sections:
+        from datasets import Dataset
+
+        from sitlib import training
+        from sitlib.models import load_tokenizer
+
+        tok = load_tokenizer(str(path))
+        rows, _ = training.sft_rows(fast)
+        train = Dataset.from_list([training.tokenize_sft(tok, r, 1024) for r in rows])
+        res = {"rows": len(rows), "mean_tokens_per_row": round(sum(map(len, train["input_ids"])) / len(rows), 1),
+               "timed_steps_after_warmup": a.steps}
+        runs = {"seed_recipe": lambda: sft_seed_recipe(path, tok, train, steps, n_params, a.warm),
+                "stock_best": lambda: sft_stock_best(path, tok, train, steps, n_params, a.warm),
+                "sitlib": lambda: sft_sitlib(fast, steps, n_params, a.warm),
+                "sitlib_plain": lambda: sft_sitlib(session(a.profile, "sdpa", False, over, steps), steps,
+                                                   n_params, a.warm)}
+        for v in a.sft_variants.split(","):
+            if v == "seed_recipe" and not have("bitsandbytes"):
+                res[v] = {"skipped": "bitsandbytes not importable"}
+            else:
+                res[v] = guarded(runs[v])
+            print(v, json.dumps(res[v]), flush=True)
+            record("sft", res, a.out)      # after every variant: a run cut short keeps what it measured
+        if "sitlib" in res and "sitlib_plain" in res and res["sitlib"].get("losses"):
+            pairs = list(zip(res["sitlib"]["losses"], res["sitlib_plain"]["losses"]))
+            res["sitlib_loss_max_rel_diff_vs_plain"] = round(max(abs(x - y) / abs(y) for x, y in pairs), 4)
+        for k in ("stock_best", "seed_recipe"):
+            if res.get(k, {}).get("real_tok_per_s") and res.get("sitlib", {}).get("real_tok_per_s"):
+                res[f"sitlib_over_{k}"] = round(res["sitlib"]["real_tok_per_s"] / res[k]["real_tok_per_s"], 2)
+        res["seed_recipe_key"] = "seed_recipe"
+        record("sft", res, a.out)
+
+    if "dpo" in sections:
+        res = {"sitlib": guarded(lambda: dpo_sitlib(fast, steps, n_params, a.warm))}
+        print("dpo sitlib", json.dumps(res["sitlib"]), flush=True)
+        res["seed_recipe"] = guarded(lambda: dpo_seed_recipe(path, fast, steps, n_params, a.warm)) \
+            if have("bitsandbytes") else {"skipped": "bitsandbytes not importable"}
+        if res["seed_recipe"].get("real_tok_per_s") and res["sitlib"].get("real_tok_per_s"):
+            res["sitlib_over_seed_recipe"] = round(res["sitlib"]["real_tok_per_s"] /
+                                                   res["seed_recipe"]["real_tok_per_s"], 2)
+        record("dpo", res, a.out)
+
+    if "prompt_tuning" in sections:
+        res = {"sitlib": guarded(lambda: sft_sitlib(fast, steps, n_params, a.warm, section="prompt_tuning")),
+               "seed_recipe": guarded(lambda: pt_seed_recipe(path, fast, steps, n_params, a.warm))}
+        if res["seed_recipe"].get("real_tok_per_s") and res["sitlib"].get("real_tok_per_s"):
+            res["sitlib_over_seed_recipe"] = round(res["sitlib"]["real_tok_per_s"] /
+                                                   res["seed_recipe"]["real_tok_per_s"], 2)
+        record("prompt_tuning", res, a.out)
+
+
+ARGS = None
 
 if __name__ == "__main__":
     main()
