@@ -171,3 +171,20 @@ def test_token_is_written_nowhere(monkeypatch, tmp_path, tiny_model_dir, capsys)
     for p in files:
         assert FAKE_TOKEN.encode() not in p.read_bytes(), p
     assert FAKE_TOKEN not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_setup_with_a_gated_student_offline_is_one_line(tmp_path):
+    """`python -m sitlib setup --profile cpu -p models.student=meta-llama/Llama-3.2-3B` with no hub reachable."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))   # no network, no cached login or model
+    r = subprocess.run([sys.executable, "-m", "sitlib", "setup", "--profile", "cpu", "-p", f"models.student={GATED}",
+                        "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert last.startswith("error:") and GATED in last and "HF_TOKEN" in last and "offline" in last
