@@ -260,3 +260,31 @@ def test_fingerprints_ignore_the_profile_name_and_dpo_follows_adapter_content(tm
     assert training.adapter_digest(adapter) == before
     (adapter / "adapter_model.safetensors").write_bytes(b"weights-2")
     assert training.adapter_digest(adapter) != before
+
+
+def _forward_greedy(model, ids, n):
+    """Ground truth: greedy decoding by full forward passes (no cache, no generate)."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.cat([x, model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -1:].argmax(-1)], 1)
+    return x[0, len(ids):].tolist()
+
+
+def test_prompt_tuned_answers_match_full_forward_decoding(tiny_model_dir):
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+    from sitlib.generation import chat_input_ids
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(tiny_model_dir), PROFILES["cpu"]), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init=PromptTuningInit.RANDOM)).eval()
+    with torch.no_grad():   # a soft prompt far from zero, as after training
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)
+    prompts = ["Write a short poem about the sea.", "What is the capital of France?"]
+    got = training.sample_answers(model, tok, prompts, 12)
+    for p, g in zip(prompts, got):
+        want = _forward_greedy(model, chat_input_ids(tok, [[{"role": "user", "content": p}]])[0], 12)
+        if tok.eos_token_id in want:
+            want = want[: want.index(tok.eos_token_id)]
+        assert g["answer"] == tok.decode(want, skip_special_tokens=True).strip()
