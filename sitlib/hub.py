@@ -132,7 +132,9 @@ def check_access(model_ids: Iterable[str], offer_login: bool = True) -> dict[str
             if token is None:
                 if offer_login and _interactive_colab():
                     return _login_then_check(model_ids)
-                raise HubAccessError(gated_message(model_id, source)) from None
+                raise HubAccessError(f"{model_id}: not found on the hub, or gated/private and needing a login: "
+                                     f"check the id; if it is gated, accept its licence at {HUB}/{model_id} and "
+                                     f"{ADD_TOKEN}") from None
             raise HubAccessError(f"{model_id}: no such model on the hub, or private to another account "
                                  f"(check the id in config.json 'models')") from None
         except _offline_errors():

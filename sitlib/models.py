@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config, LoraConfig, PromptTuningConfig
-from .errors import ConfigError, ProfileError, SitError
+from .errors import ConfigError, MissingInputError, ProfileError, SitError
 from .hardware import Profile, torch_dtype
 
 EMBEDDED = "embedded"
@@ -78,8 +78,11 @@ def resolve_model(name: str) -> str:
     missing login fails with one line naming the model instead of a 401 traceback halfway through a stage."""
     if name == EMBEDDED:
         return str(embedded_model_dir())
-    from .hub import check_access
+    from .hub import check_access, is_hub_id
 
+    if not is_hub_id(name) and not Path(name).expanduser().exists():
+        raise MissingInputError(f"model folder {name} does not exist (a model is a hub id like org/name, a local "
+                                f"folder, or '{EMBEDDED}')")
     check_access([name])
     return name
 

@@ -91,6 +91,14 @@ def test_teacher_role_follows_teacher_4bit():
     assert models.quantization_config(replace(t4, teacher_4bit=False), "teacher") is None
 
 
+def test_missing_local_model_folder_is_one_clear_error(tmp_path):
+    from sitlib.errors import MissingInputError
+
+    for name in (str(tmp_path / "no-such-folder"), "./no-such-folder"):
+        with pytest.raises(MissingInputError, match="no-such-folder does not exist"):
+            models.load_tokenizer(name)
+
+
 def test_lora_and_prompt_tuning_configs():
     lc = models.lora_config(LoraConfig())
     assert lc.r == 8 and lc.lora_alpha == 16 and set(lc.target_modules) == {
