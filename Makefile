@@ -5,7 +5,7 @@ VPY       := $(VENV)/bin/python
 OUTPUT    ?= $(or $(SIT_OUTPUT_DIR),./outputs)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit bench clean
+.PHONY: setup demo test test-unit bench executed-notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,16 @@ test: setup
 
 test-unit: setup
 	$(VPY) -m pytest -m "not notebook" $(PYTEST_ARGS)
+
+# The README links these: executed copies of every notebook from a real CPU demo run, in a fresh output tree.
+EXECUTED_OUT ?= /tmp/sit-executed-notebooks
+executed-notebooks: setup
+	rm -rf $(EXECUTED_OUT)
+	SIT_OUTPUT_DIR=$(EXECUTED_OUT) $(VPY) -m sitlib pipeline --profile cpu --output-dir $(EXECUTED_OUT)
+	mkdir -p docs/executed
+	rm -f docs/executed/*.ipynb
+	cp $$(ls -d $(EXECUTED_OUT)/runs/*/ | sort | tail -n 1)*.ipynb docs/executed/
+	@ls docs/executed
 
 bench: setup
 	$(VPY) bench/bench_generation.py
