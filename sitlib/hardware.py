@@ -55,7 +55,8 @@ _EMBEDDED = {"models.student": "embedded", "models.teacher": "embedded", "models
 # models.max_seq_length tokens; bench/results/memory_<device>.json holds the peaks (target: <= 90% of the card).
 _BF16 = dict(device="cuda", dtype="bfloat16", tf32=True)
 # 80 GB cards. Rows of 1,024 tokens, LoRA without checkpointing: SFT at 12 x 2 peaked at 74.5 GB and DPO at 8 x 2
-# at 73.5 GB (over 90% of the card), so both micro-batches are smaller, the effective batch kept.
+# at 73.5 GB (over 90% of the card), so both micro-batches are smaller, the effective batch kept. Generation
+# batch 256: 2,088 tok/s vs 1,871 at 128 on the 8B teacher shape (bench/results/generation_8b_*.json).
 _80GB = {"sft.batch_size": 8, "sft.gradient_accumulation": 3, "dpo.batch_size": 4, "dpo.gradient_accumulation": 4,
          "generation.batch_size": 256, "preference.batch_size": 64, "evaluation.batch_size": 64}
 PROFILES: dict[str, Profile] = {
@@ -87,8 +88,8 @@ PROFILES: dict[str, Profile] = {
         "dpo.batch_size": 2, "dpo.gradient_accumulation": 8, "generation.batch_size": 16,
         "preference.batch_size": 8, "evaluation.batch_size": 16, "models.max_seq_length": 768,
     }),
-    # L4, 22.5 GB, cc 8.9: bf16; the 8B teacher in 4-bit (16 GB of bf16 weights leave no room for its KV cache);
-    # the 3B student in bf16 (6.4 GB) with checkpointing and small micro-batches, same effective batch as h100.
+    # L4, 22.5 GB, cc 8.9: bf16; the 8B teacher in 4-bit (its bf16 weights alone take 15 of the 22.5 GB);
+    # the 3B student in bf16 (6 GB) with checkpointing and small micro-batches, same effective batch as h100.
     "l4": Profile("l4", teacher_4bit=True, gradient_checkpointing=True, padding_free=True, min_memory_gb=22.5,
                   **_BF16, overrides={
         "sft.batch_size": 4, "sft.gradient_accumulation": 6,
@@ -105,9 +106,8 @@ PROFILES: dict[str, Profile] = {
         "preference.batch_size": 32, "evaluation.batch_size": 64,
     }),
     # 80 GB cards: bf16 LoRA without 4-bit or checkpointing (measured 2.4x faster than 4-bit on an H100).
-    # generation batch 256: 2,088 tok/s vs 1,871 at 128 on the 8B teacher shape (bench/results/generation_8b_*.json)
-    "a100-80gb": Profile("a100-80gb", padding_free=True, min_memory_gb=80, **_BF16, overrides=_80GB),
-    "h100": Profile("h100", padding_free=True, min_memory_gb=80, **_BF16, overrides=_80GB),
+    "a100-80gb": Profile("a100-80gb", padding_free=True, min_memory_gb=80, **_BF16, overrides=dict(_80GB)),
+    "h100": Profile("h100", padding_free=True, min_memory_gb=80, **_BF16, overrides=dict(_80GB)),
 }
 ALIASES = ("a100",)   # resolved by the card's memory: a100-40gb or a100-80gb
 GPU_CARDS_GB = {"t4": 15, "l4": 22.5, "a100-40gb": 40, "a100-80gb": 80, "h100": 80}
