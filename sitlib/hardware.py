@@ -243,43 +243,55 @@ def torch_dtype(profile: Profile):
 
 # ---------------------------------------------------------------- measured costs per stage
 
-def stage_costs(stage: str, results_dir: Optional[Path] = None) -> list[dict]:
-    """Measured cost of one stage, one dict per (device, profile): peak GB from bench/results/memory_*.json and,
-    where a series run was timed, seconds from bench/results/series_*.json. [] when nothing is measured."""
-    root = Path(results_dir) if results_dir else RESULTS_DIR
-    rows: dict[tuple, dict] = {}
-    for path in sorted(root.glob("memory_*.json")):
-        data = json.loads(path.read_text())
-        for prof, entry in data.get("profiles", {}).items():
-            st = entry.get("stages", {}).get(stage)
-            if st and st.get("peak_gb") is not None:
-                rows[(data.get("device"), prof)] = {
-                    "device": data.get("device"), "profile": prof, "card_gb": entry.get("card_gb"),
-                    "peak_gb": st["peak_gb"], "ok": st.get("ok"), "seconds": None, "source": path.name}
-    # series_<device>.json: {"device", "profile", "stages": {"sft": {"seconds": ...}, ...}} from a timed full run
-    for path in sorted(root.glob("series_*.json")):
-        data = json.loads(path.read_text())
-        st = data.get("stages", {}).get(stage)
-        if not st or st.get("seconds") is None:
+# a stage's name in bench/results/memory_*.json → its notebook number (the key of a timed series run)
+NOTEBOOKS = {"setup": "01", "generate": "02", "filter": "03", "preference": "04", "sft": "05",
+             "prompt_tuning": "05b", "dpo": "06", "benchmark": "07", "agent": "08", "compare": "09"}
+
+
+def _results(root: Path, pattern: str):
+    for path in sorted(root.glob(pattern)):
+        try:
+            yield path, json.loads(path.read_text())
+        except (OSError, ValueError):
             continue
-        key = (data.get("device"), data.get("profile"))
-        row = rows.setdefault(key, {"device": key[0], "profile": key[1], "card_gb": GPU_CARDS_GB.get(key[1]),
-                                    "peak_gb": None, "ok": None, "source": path.name})
-        row["seconds"] = st["seconds"]
-    return list(rows.values())
+
+
+def stage_costs(stage: str, results_dir: Optional[Path] = None) -> list[dict]:
+    """Measured cost of one stage (a name such as "sft", or a notebook number such as "05"), one dict per
+    measurement: peak GB per GPU profile from bench/results/memory_*.json, and seconds from a timed series run
+    (bench/bench_series.py: the "series" section of bench/results/<date>_<device>.json). [] when nothing is
+    measured."""
+    root = Path(results_dir) if results_dir else RESULTS_DIR
+    name = next((k for k, v in NOTEBOOKS.items() if v == stage), stage)
+    rows = []
+    for path, data in _results(root, "memory_*.json"):
+        for prof, entry in data.get("profiles", {}).items():
+            st = entry.get("stages", {}).get(name)
+            if st and st.get("peak_gb") is not None:
+                rows.append({"device": data.get("device"), "profile": prof, "card_gb": entry.get("card_gb"),
+                             "peak_gb": st["peak_gb"], "ok": st.get("ok"), "seconds": None, "model": None,
+                             "source": path.name})
+    for path, data in _results(root, "*.json"):
+        series = data.get("series") if isinstance(data, dict) else None
+        seconds = (series or {}).get("stages", {}).get(NOTEBOOKS.get(name, stage))
+        if seconds is not None:
+            rows.append({"device": data.get("device"), "profile": series.get("profile"),
+                         "card_gb": GPU_CARDS_GB.get(series.get("profile")), "peak_gb": None, "ok": None,
+                         "seconds": seconds, "model": series.get("model"), "source": path.name})
+    return rows
 
 
 def describe_stage_costs(stage: str, results_dir: Optional[Path] = None) -> str:
     """The notebooks' "measured cost of this stage" lines (never an estimate)."""
     rows = stage_costs(stage, results_dir)
     if not rows:
-        return f"measured cost of {stage}: not measured yet (bench/bench_memory.py writes it)"
+        return f"measured cost of {stage}: nothing measured yet (bench/bench_memory.py, bench/bench_series.py)"
     lines = [f"measured cost of {stage}:"]
     for r in rows:
         if r["peak_gb"] is not None:
             lines.append(f"  {r['profile']}: peak {r['peak_gb']:.1f} GB of its {r['card_gb']:g} GB card (measured on "
                          f"an {r['device']} limited to {r['card_gb']:g} GB, bench/results/{r['source']})")
-        if r.get("seconds") is not None:
-            lines.append(f"  {r['profile']}: {r['seconds'] / 60:.1f} min on an {r['device']} "
+        else:
+            lines.append(f"  {r['profile']}: {r['seconds'] / 60:.1f} min on an {r['device']} with {r['model']} "
                          f"(bench/results/{r['source']})")
     return "\n".join(lines)

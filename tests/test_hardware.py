@@ -125,18 +125,21 @@ def test_80gb_cards_do_not_give_up_speed():
 
 def test_stage_costs_reads_measured_files_only(tmp_path):
     assert hardware.stage_costs("sft", tmp_path) == []
-    assert "not measured" in hardware.describe_stage_costs("sft", tmp_path)
+    assert "nothing measured" in hardware.describe_stage_costs("sft", tmp_path)
     (tmp_path / "memory_NVIDIA_H200.json").write_text(json.dumps({"device": "NVIDIA H200", "profiles": {
         "l4": {"card_gb": 22.5, "stages": {"sft": {"peak_gb": 17.25, "ok": True},
                                            "dpo": {"peak_gb": 19.0, "ok": True}}},
         "t4": {"card_gb": 15, "stages": {"dpo": {"peak_gb": 9.0, "ok": True}}}}}))
-    (tmp_path / "series_NVIDIA_L4.json").write_text(json.dumps(
-        {"device": "NVIDIA L4", "profile": "l4", "stages": {"sft": {"seconds": 600.0}}}))
+    (tmp_path / "2026-11-29_NVIDIA_L4.json").write_text(json.dumps({"device": "NVIDIA L4", "series": {
+        "model": "embedded SmolLM2-135M-Instruct", "profile": "l4", "stages": {"05": 600.0, "06": 60.0}}}))
+    (tmp_path / "2026-11-29_other.json").write_text(json.dumps({"device": "x", "generation": {"tokens": 1}}))
     rows = hardware.stage_costs("sft", tmp_path)
-    assert {(r["profile"], r["peak_gb"], r["seconds"]) for r in rows} == {("l4", 17.25, None), ("l4", None, 600.0)}
+    assert [(r["profile"], r["peak_gb"], r["seconds"]) for r in rows] == [("l4", 17.25, None), ("l4", None, 600.0)]
+    assert hardware.stage_costs("05", tmp_path) == rows                 # by notebook number too
     assert hardware.stage_costs("benchmark", tmp_path) == []
     text = hardware.describe_stage_costs("sft", tmp_path)
-    assert "peak 17.2 GB of its 22.5 GB card" in text and "10.0 min on an NVIDIA L4" in text
+    assert "peak 17.2 GB of its 22.5 GB card" in text
+    assert "10.0 min on an NVIDIA L4 with embedded SmolLM2-135M-Instruct" in text
 
 
 def test_set_precision_follows_profile():
