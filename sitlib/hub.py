@@ -4,6 +4,7 @@ logged or written into a config, metric or notebook."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Optional
@@ -24,9 +25,10 @@ _checked: set[str] = set()   # ids already checked in this process (each stage l
 
 
 def is_hub_id(name: str) -> bool:
-    """A hub repo id, not the embedded model and not a local folder (those need no login)."""
-    return bool(name) and name != EMBEDDED and not Path(name).expanduser().exists() and "/" in name \
-        and not name.startswith((".", "/", "~"))
+    """A hub repo id ("org/name", or a legacy "name"), not the embedded model and not a local folder (those need
+    no login). A path that does not exist is not a hub id either: deeper paths and ./, ~/, / prefixes."""
+    return bool(name) and name != EMBEDDED and not Path(name).expanduser().exists() \
+        and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
 
 
 def _colab_secret() -> Optional[str]:

@@ -110,6 +110,12 @@ def test_ok_once_per_process_and_local_models_skip_the_hub(monkeypatch, tmp_path
     assert calls == [(GATED, False)]
 
 
+def test_what_counts_as_a_hub_id(tmp_path):
+    assert hub.is_hub_id(GATED) and hub.is_hub_id("gpt2")
+    for local in ("embedded", str(tmp_path), str(tmp_path / "missing"), "./missing", "~/missing", "a/b/c", ""):
+        assert not hub.is_hub_id(local), local
+
+
 def test_token_sources_in_order(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
