@@ -147,7 +147,10 @@ def load_model(name: str, profile: Profile, for_training: bool = False, role: st
     if qc is not None:
         kwargs["quantization_config"] = qc
     if profile.device == "cuda":
-        kwargs["device_map"] = {"": 0}
+        from .distributed import device_map_for_load
+
+        # this rank's own card under accelerate/torchrun (a fixed 0 puts every rank on the first GPU); None under FSDP
+        kwargs["device_map"] = device_map_for_load()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if qc is not None and for_training:
         from peft import prepare_model_for_kbit_training
