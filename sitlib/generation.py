@@ -358,6 +358,18 @@ def pool_columns(inputs: list[list[int]], per_row: Sequence[Sampling]) -> int:
     return longest + max(16, longest // 2)
 
 
+def _decode_kernels(device: torch.device):
+    """SDPA without its cuDNN backend on CUDA. cuDNN builds an execution plan for every new (rows, length) shape,
+    and in the pool both change at every step; the memory-efficient and flash kernels need no plan."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 @torch.inference_mode()
 def generate_pool(model, tok, inputs: list[list[int]], sampling: Union[Sampling, Sequence[Sampling]],
                   max_rows: int, logits_processors: Optional[list] = None, bar=None,
@@ -367,12 +379,19 @@ def generate_pool(model, tok, inputs: list[list[int]], sampling: Union[Sampling,
     most `prefill_tokens` tokens, once a quarter of the slots are free (fewer, larger prefills)."""
     per_row = [sampling] * len(inputs) if isinstance(sampling, Sampling) else list(sampling)
     stop = eos_ids(model, tok)
-    stop_set = set(stop)
     max_rows = max(1, min(max_rows, len(inputs)))
     pool = _Pool(model, tok, stop, max_rows, pool_columns(inputs, per_row), logits_processors)
     waiting = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
     results: list[Optional[Completion]] = [None] * len(inputs)
     refill_below = max(1, (3 * max_rows) // 4)
+    with _decode_kernels(pool.device):
+        _run_pool(pool, tok, inputs, per_row, waiting, results, refill_below, prefill_tokens, bar)
+    return results  # type: ignore[return-value]
+
+
+def _run_pool(pool, tok, inputs, per_row, waiting, results, refill_below, prefill_tokens, bar) -> None:
+    stop_set = set(pool.stop.tolist())
+    max_rows = pool.max_rows
     while waiting or len(pool):
         if waiting and len(pool) < refill_below:
             while waiting and len(pool) < max_rows:   # groups join back to back: each pick is recorded once
@@ -392,7 +411,6 @@ def generate_pool(model, tok, inputs: list[list[int]], sampling: Union[Sampling,
             if not len(pool):
                 continue
         pool.step()
-    return results  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- transformers' generate (fallback)
