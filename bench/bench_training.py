@@ -403,7 +403,6 @@ def main() -> None:
         for k in ("stock_best", "seed_recipe"):
             if res.get(k, {}).get("real_tok_per_s") and res.get("sitlib", {}).get("real_tok_per_s"):
                 res[f"sitlib_over_{k}"] = round(res["sitlib"]["real_tok_per_s"] / res[k]["real_tok_per_s"], 2)
-        res["seed_recipe_key"] = "seed_recipe"
         record("sft", res, a.out)
 
     if "dpo" in sections:
