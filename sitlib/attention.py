@@ -12,6 +12,7 @@ bf16/fp16); elsewhere (CPU, older cards) each row runs through SDPA alone, which
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
@@ -30,6 +31,20 @@ def varlen_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     except ImportError:
         return False
     return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def best_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """"sit_varlen" where the varlen kernel runs (padding-free batches then skip the block-diagonal mask), else
+    "sdpa" (the per-row fallback is exact but loops over rows in Python)."""
+    return NAME if varlen_kernel_available(device, dtype) else "sdpa"
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_params() -> frozenset:
+    """Keyword arguments of this torch's varlen_attn (they changed between 2.10 and 2.12)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _cu_seqlens_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
@@ -58,7 +73,7 @@ def _varlen_kernel(q, k, v, cu: torch.Tensor, max_len: int, scaling: Optional[fl
     """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D], causal inside each row."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_params()
     kw = {"scale": scaling}
     if "enable_gqa" in params:
         kw["enable_gqa"] = q.shape[1] != k.shape[1]
