@@ -29,7 +29,8 @@ def _kv(text: str) -> tuple[str, object]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="auto", help="auto | cpu | t4 | l4 | a100 | a100-40gb | a100-80gb | h100")
-    p.add_argument("--output-dir", default=None, help="output tree (default: SIT_OUTPUT_DIR, Drive on Colab, ./outputs)")
+    p.add_argument("--output-dir", default=None,
+                   help="output tree (default: SIT_OUTPUT_DIR, Drive on Colab, ./outputs)")
     p.add_argument("--config", default=None, help="config JSON (default: the repo's config.json)")
     p.add_argument("-p", "--param", action="append", type=_kv, default=[],
                    help="dotted config key (-p sft.epochs=1) or UPPER_CASE notebook parameter (-p MAX_STEPS=4)")

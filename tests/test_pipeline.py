@@ -27,7 +27,10 @@ def test_parameters_split_dotted_overrides():
     assert p == {"PROFILE": "cpu", "OUTPUT_DIR": "/o", "OVERRIDES": {"sft.epochs": 1}, "ALLOW_MISSING": True}
 
 
-def write_nb(path, *sources, params="PROFILE = 'auto'\nOUTPUT_DIR = None\nCONFIG_PATH = None\nOVERRIDES = {}\nSTEPS = 1"):
+PARAMS = "PROFILE = 'auto'\nOUTPUT_DIR = None\nCONFIG_PATH = None\nOVERRIDES = {}\nSTEPS = 1"
+
+
+def write_nb(path, *sources, params=PARAMS):
     cell = new_code_cell(params)
     cell.metadata["tags"] = ["parameters"]
     nb = new_notebook(cells=[cell, *[new_code_cell(s) for s in sources]])
@@ -53,7 +56,8 @@ def test_runner_streams_output_writes_copy_and_log_and_stops_at_failure(nbdir, t
     with pytest.raises(PipelineError) as err:
         pipeline.run_pipeline(["01", "02", "03"], out, "cpu", None, {"sft.epochs": 1, "STEPS": 3},
                               log=lambda *_: None)
-    assert str(err.value) == "02_bad.ipynb, cell 2 (`from sitlib.errors import BadInputError`): data/raw/x.jsonl:3: not JSON"
+    assert str(err.value) == ("02_bad.ipynb, cell 2 (`from sitlib.errors import BadInputError`): "
+                              "data/raw/x.jsonl:3: not JSON")
     assert "resuming from checkpoint-4 cpu {'sft.epochs': 1} 3" in capsys.readouterr().out   # streamed live
     (run_dir,) = (out / "runs").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == ["01_ok.ipynb", "01_ok.log", "02_bad.ipynb", "02_bad.log"]
@@ -69,7 +73,8 @@ def test_cli_user_error_is_one_line_real_bug_keeps_traceback(nbdir, tmp_path, ca
     out = str(tmp_path / "out")
     assert cli.run(["sft", "--output-dir", out, "--profile", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err == "error: 05_sft.ipynb, cell 2 (`import sitlib.errors as e`): out of GPU memory on profile t4: lower sft.batch_size (now 4)\n"
+    assert err == ("error: 05_sft.ipynb, cell 2 (`import sitlib.errors as e`): "
+                   "out of GPU memory on profile t4: lower sft.batch_size (now 4)\n")
     # torch's own OutOfMemoryError has the same class name but is not the user's mistake → traceback, exit 1
     assert cli.run(["dpo", "--output-dir", out]) == 1
     err = capsys.readouterr().err

@@ -184,7 +184,8 @@ def test_sigkill_during_appends_leaves_whole_rows_and_resume_continues(tmp_path)
 
 # ---------------------------------------------------------------- models the user names
 
-LOAD_STUDENT = ("import sitlib\nfrom sitlib import models\nS = sitlib.setup(PROFILE, OUTPUT_DIR, CONFIG_PATH, OVERRIDES)",
+LOAD_STUDENT = ("import sitlib\nfrom sitlib import models\n"
+                "S = sitlib.setup(PROFILE, OUTPUT_DIR, CONFIG_PATH, OVERRIDES)",
                 "tok = models.load_tokenizer(S.config.models.student)")
 
 
