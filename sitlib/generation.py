@@ -68,17 +68,23 @@ class BlockFirstTokens:
         blank = torch.tensor([not tok.decode([t]).strip() for t in range(len(tok))], dtype=torch.bool)
         return cls(markdown_header_tokens(tok), blank)
 
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """blank / banned on `device`, copied once (a host-to-device copy every step would stall the GPU)."""
+        if self.blank.device != device:
+            self.blank, self.banned = self.blank.to(device), self.banned.to(device)
+        return self.blank, self.banned
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        blank_ids, banned = self._on(input_ids.device)
         # ids past the tokenizer's vocabulary (padded embedding rows) count as non-blank
-        blank = self.blank.to(input_ids.device)[input_ids.clamp(max=len(self.blank) - 1)]
+        blank = blank_ids[input_ids.clamp(max=len(blank_ids) - 1)]
         if isinstance(self.prompt_len, torch.Tensor):
             cols = torch.arange(input_ids.shape[1], device=input_ids.device)
             in_prompt = cols.unsqueeze(0) < self.prompt_len.to(input_ids.device).unsqueeze(1)
             at_start = (blank | in_prompt).all(dim=1)
         else:
             at_start = blank[:, self.prompt_len:].all(dim=1)
-        scores[:, self.banned.to(scores.device)] = torch.where(
-            at_start.unsqueeze(1), float("-inf"), scores[:, self.banned.to(scores.device)])
+        scores[:, banned] = torch.where(at_start.unsqueeze(1), float("-inf"), scores[:, banned])
         return scores
 
 
@@ -179,13 +185,15 @@ def pool_supported(model) -> bool:
 
 # ---------------------------------------------------------------- sampling
 
-def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, sample: torch.Tensor):
-    """Next token per row: argmax where `sample` is False, else temperature + nucleus (top-p) sampling."""
+def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, sample: torch.Tensor,
+            any_sample: Optional[bool] = None, any_top_p: Optional[bool] = None):
+    """Next token per row: argmax where `sample` is False, else temperature + nucleus (top-p) sampling.
+    `any_sample` / `any_top_p`, when the caller knows them, spare a device-to-host sync each."""
     greedy = scores.argmax(dim=-1)
-    if not bool(sample.any()):
+    if not (bool(sample.any()) if any_sample is None else any_sample):
         return greedy
     logits = scores / temperature.unsqueeze(1)
-    if bool((top_p < 1).any()):
+    if bool((top_p < 1).any()) if any_top_p is None else any_top_p:
         # as transformers' TopPLogitsWarper: drop the tail whose mass before it already exceeds top_p
         srt, idx = logits.sort(dim=-1, descending=True)
         probs = srt.softmax(dim=-1)
@@ -206,8 +214,12 @@ class _Pool:
     """Rows in flight, kept at the front of preallocated buffers: K/V per layer, the token and attention-mask
     window, per-row sampling settings. A finished row's slot is refilled by moving the last row into it."""
 
-    def __init__(self, model, tok, stop: list[int], max_rows: int, cols: int, processors):
+    def __init__(self, model, tok, stop: list[int], max_rows: int, cols: int, processors,
+                 settings: Sequence[Sampling] = ()):
         self.model, self.processors = model, processors or []
+        # known for the whole call: no device sync per step to ask whether any row samples or cuts its tail
+        self.any_sample = any(s.do_sample for s in settings) if settings else None
+        self.any_top_p = any(s.do_sample and s.top_p < 1 for s in settings) if settings else None
         self.device = next(model.parameters()).device
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.stop = torch.tensor(stop, device=self.device)
@@ -239,7 +251,7 @@ class _Pool:
             if hasattr(p, "prompt_len"):
                 p.prompt_len = meta["gen_col"] - (self.end - ids.shape[1])
             scores = p(ids, scores)
-        return _choose(scores, meta["temp"], meta["top_p"], meta["sample"])
+        return _choose(scores, meta["temp"], meta["top_p"], meta["sample"], self.any_sample, self.any_top_p)
 
     def admit(self, items: list[tuple[int, list[int], Sampling]]) -> None:
         """Prefill `items` (input index, prompt ids, sampling) at the pool's width into the next free rows."""
@@ -304,14 +316,16 @@ class _Pool:
         self.meta["n"][live] += 1
         self.meta["last"][live] = self._pick(out.logits[:, -1], self.ids[live, self.start:self.end], live)
 
-    def record(self) -> None:
-        for row, t in zip(self.out, self.meta["last"][:self.size].tolist()):
-            row.append(t)
-
-    def finished(self) -> torch.Tensor:
-        """Rows whose last picked token is a stop token, or that reached their token limit."""
+    def harvest(self) -> list[int]:
+        """Append every row's last pick to its tokens; return the rows that stop (a stop token, or their limit).
+        One device-to-host copy per step."""
         live = slice(0, self.size)
-        return torch.isin(self.meta["last"][live], self.stop) | (self.meta["n"][live] >= self.meta["limit"][live])
+        last = self.meta["last"][live]
+        done = torch.isin(last, self.stop) | (self.meta["n"][live] >= self.meta["limit"][live])
+        tokens, flags = torch.stack([last, done.long()]).tolist()
+        for row, t in zip(self.out, tokens):
+            row.append(t)
+        return [r for r, f in enumerate(flags) if f]
 
     def remove(self, done: list[int]) -> None:
         """Free the rows `done`: the last rows in flight move into their slots (only those rows are copied)."""
@@ -380,7 +394,7 @@ def generate_pool(model, tok, inputs: list[list[int]], sampling: Union[Sampling,
     per_row = [sampling] * len(inputs) if isinstance(sampling, Sampling) else list(sampling)
     stop = eos_ids(model, tok)
     max_rows = max(1, min(max_rows, len(inputs)))
-    pool = _Pool(model, tok, stop, max_rows, pool_columns(inputs, per_row), logits_processors)
+    pool = _Pool(model, tok, stop, max_rows, pool_columns(inputs, per_row), logits_processors, per_row)
     waiting = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
     results: list[Optional[Completion]] = [None] * len(inputs)
     refill_below = max(1, (3 * max_rows) // 4)
@@ -399,8 +413,7 @@ def _run_pool(pool, tok, inputs, per_row, waiting, results, refill_below, prefil
                 group = max(1, min(max_rows - len(pool), prefill_tokens // max(1, width)))
                 take, waiting = waiting[:group], waiting[group:]
                 pool.admit([(i, inputs[i], per_row[i]) for i in take])
-        pool.record()
-        done = pool.finished().nonzero().squeeze(1).tolist()
+        done = pool.harvest()
         if done:
             for r in done:
                 i = pool.index[r]
