@@ -190,7 +190,8 @@ def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int) 
     got: list[list] = [[] for _ in rows]
     torch.manual_seed(seed + 7919 + (rows[0]["id"] if rows else 0))
     sampling = Sampling(cfg.response_max_new_tokens, cfg.response_temperature, cfg.response_top_p)
-    step = max(cfg.chunk_size, SLICE_BATCHES * cfg.batch_size)
+    # batch_size 0: generate sizes its pool by free memory, so it gets everything at once
+    step = max(cfg.chunk_size, SLICE_BATCHES * cfg.batch_size) if cfg.batch_size > 0 else max(1, len(jobs))
     for start in range(0, len(jobs), step):
         idx = list(range(start, min(start + step, len(jobs))))
         done = []
