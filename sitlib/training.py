@@ -206,9 +206,11 @@ def fingerprint(*parts) -> str:
 
 
 def _jsonable(obj):
+    """Plain JSON of a config; sets (PEFT keeps target_modules as one) become sorted lists, so the text, and a
+    fingerprint over it, is the same in every process (a set's order changes with string hash seeds)."""
     if hasattr(obj, "to_dict"):
         obj = obj.to_dict()
-    return json.loads(json.dumps(obj, default=str))
+    return json.loads(json.dumps(obj, default=lambda o: sorted(o, key=str) if isinstance(o, (set, frozenset)) else str(o)))
 
 
 def sft_fingerprint(session, stage: str, train, val, peft_cfg) -> str:

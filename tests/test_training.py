@@ -288,3 +288,14 @@ def test_prompt_tuned_answers_match_full_forward_decoding(tiny_model_dir):
         if tok.eos_token_id in want:
             want = want[: want.index(tok.eos_token_id)]
         assert g["answer"] == tok.decode(want, skip_special_tokens=True).strip()
+
+
+def test_sft_fingerprint_is_the_same_in_every_process(tmp_path, tiny_model_dir):
+    """PEFT keeps target_modules as a set, whose order follows the process's string hash seed."""
+    import subprocess
+    import sys
+    code = ("from sitlib import training; from sitlib.models import lora_config; from sitlib.config import LoraConfig;"
+            "print(training._jsonable(lora_config(LoraConfig()))['target_modules'])")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(outs) == 1 and "q_proj" in outs.pop()
