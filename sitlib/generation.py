@@ -225,6 +225,7 @@ class _Pool:
         self.stop = torch.tensor(stop, device=self.device)
         self.max_rows, self.cols = max_rows, cols
         self.layers: list[_PoolLayer] = []
+        self.cache = None
         self.size = self.start = self.end = 0
         self.ids = torch.full((max_rows, cols), self.pad, dtype=torch.long, device=self.device)
         self.mask = torch.zeros(max_rows, cols, dtype=torch.long, device=self.device)
@@ -304,13 +305,14 @@ class _Pool:
         self.mask[live, col] = 1
         for layer in self.layers:
             layer.rows, layer.start, layer.end = self.size, self.start, self.end
-        from transformers import DynamicCache
+        if self.cache is None:   # a transformers Cache over the pool's layers, built once (~1 ms each time)
+            from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
-        cache.layers = self.layers
+            self.cache = DynamicCache(config=self.model.config)
+            self.cache.layers = self.layers
         out = self.model(input_ids=self.meta["last"][live].unsqueeze(1),
                          attention_mask=self.mask[live, self.start:col + 1],
-                         position_ids=self.meta["pos"][live].unsqueeze(1), past_key_values=cache, use_cache=True)
+                         position_ids=self.meta["pos"][live].unsqueeze(1), past_key_values=self.cache, use_cache=True)
         self.end = col + 1
         self.meta["pos"][live] += 1
         self.meta["n"][live] += 1
