@@ -161,3 +161,20 @@ def test_prompt_tuning_falls_back_to_generate(lm):
     out = G.generate(pt, tok, _prompts(3), G.Sampling.greedy(5), batch_size=2)
     assert len(out) == 3 and all(c.n_tokens <= 5 for c in out)
     pt.unload() if hasattr(pt, "unload") else None
+
+
+def test_window_shift_keeps_outputs(lm, monkeypatch):
+    """Rows with different limits finish at different steps, so waiting prompts join mid-flight and the live
+    window slides right; with buffers only as wide as the longest row it is moved back to the left edge many
+    times. Every row's output is what it is with all rows in flight at once."""
+    model, tok = lm
+    inputs = _prompts(12, seed=4)
+    settings = [G.Sampling.greedy(n) for n in (3, 12, 7, 5, 11, 2, 9, 4, 12, 6, 8, 10)]
+    whole = G.generate(model, tok, inputs, settings, batch_size=12)
+    shifts = []
+    real_shift = G._Pool._shift
+    monkeypatch.setattr(G, "pool_columns", lambda i, p: max(map(len, i)) + max(x.max_new_tokens for x in p) + 1)
+    monkeypatch.setattr(G._Pool, "_shift", lambda self: shifts.append(self.start) or real_shift(self))
+    tight = G.generate(model, tok, inputs, settings, batch_size=4)   # refills once 2 of 4 rows are free
+    assert any(start > 0 for start in shifts)
+    assert [(c.text, c.n_tokens) for c in tight] == [(c.text, c.n_tokens) for c in whole]
