@@ -432,3 +432,23 @@ def test_constrained_row_without_a_passing_answer_is_rejected_and_passing_one_ke
     sft = filtering.to_sft(kept[0])
     assert sft["constraints"] == [{"id": "punctuation:no_comma", "kwargs": {}}]
     assert sft["failed_answers"] == ["Rain, wet."]
+
+
+def test_notebook_views_of_the_filter():
+    rows = [_row(0, "Write a poem about cats please.", "I'm sorry, but I can't help with that request today."),
+            _row(1, "## Step 1: compute the area of the square", "The area is 16 square units in total here."),
+            _row(2, "Explain how photosynthesis turns sunlight into chemical energy.")]
+    kept, rejected, stats = filtering.filter_rows(rows, FilterConfig(min_score=0.0))
+    examples = filtering.example_per_reason(rejected)
+    assert {e["reason"] for e in examples} == {r for x in rejected for r in x["reasons"]}
+    assert len(examples) == len({e["reason"] for e in examples})          # one row per reason
+    steps = {s["step"]: s["rows"] for s in filtering.funnel(stats)}
+    assert steps["generated"] == 3 and steps["kept"] == 1 and steps["rejected: refusal"] == 1
+    assert filtering.show_rows(kept)[0]["id"] == 2
+
+
+def test_margins_are_those_of_the_pairs_before_the_cut():
+    recs = [{"id": i, "prompt": "p", "candidate_source": "teacher", "scorer": "offline",
+             "candidates": [_cand("good answer", s), _cand("bad answer", 0.0)]} for i, s in enumerate([0.2, 1.0])]
+    assert preference.margins(recs) == [0.2, 1.0]
+    assert [p["id"] for p in (preference.to_pair(r, 0.5) for r in recs) if p] == [1]
