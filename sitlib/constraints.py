@@ -15,7 +15,8 @@ EXCLUDED = {"combination:repeat_prompt", "combination:two_responses"}
 
 # Pairs IFEval's registry allows that cannot both hold: a reply wrapped whole in quotes cannot end on a fixed
 # phrase; an end phrase must be last, so no P.S. after it; all-lowercase text cannot write "P.S.".
-EXTRA_CONFLICTS = [("startend:quotation", "startend:end_checker"), ("startend:end_checker", "detectable_content:postscript"),
+EXTRA_CONFLICTS = [("startend:quotation", "startend:end_checker"),
+                   ("startend:end_checker", "detectable_content:postscript"),
                    ("change_case:english_lowercase", "detectable_content:postscript"),
                    ("change_case:english_capital", "detectable_content:postscript"),
                    ("detectable_format:json_format", "startend:quotation")]

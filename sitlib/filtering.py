@@ -4,7 +4,6 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 from .artifacts import read_jsonl, write_jsonl, write_metrics

@@ -1,7 +1,6 @@
 """Stage 02: Magpie instruction generation — pre-query template → instruction, full template → response."""
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
