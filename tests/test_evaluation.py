@@ -298,3 +298,30 @@ def test_lm_eval_is_skipped_with_a_note_never_faked(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     res = benchmark.lm_eval_results(S)
     assert res["status"].startswith("skipped: the lm-eval package is not installed") and "models" not in res
+
+
+def test_adapters_attach_and_leave_the_base_unchanged(tmp_path, tiny_model_dir):
+    # real LoRA and prompt-tuning adapters on the tiny model, evaluated the way 07 does it
+    import torch
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    over = {"models.student": str(tiny_model_dir), "evaluation.max_new_tokens": 4}
+    S = setup("cpu", str(tmp_path / "o"), overrides=over, verbose=False)
+    for name, cfg in (("sft", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")),
+                      ("prompt_tuning", PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))):
+        torch.manual_seed(1)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
+        if name == "sft":   # LoRA starts as a no-op (B = 0): make it change the outputs
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.data.normal_(0, 1.0)
+        peft_model.save_pretrained(variants.adapter_dir(S, name))
+        write_json(variants.adapter_dir(S, name) / "training_config.json", {"fingerprint": f"fp-{name}"})
+    items = benchmark.load_suite(3, S.config.seed)
+    outs = {n: [r["output"] for r in benchmark.generate_rows(S, n, m, t, items)]
+            for n, m, t in variants.iter_variants(S, ["base", "sft", "prompt_tuning"])}
+    again = {n: [r["output"] for r in benchmark.generate_rows(S, n, m, t, items)]
+             for n, m, t in variants.iter_variants(S, ["sft", "base"])}
+    assert outs["sft"] != outs["base"] and again["sft"] == outs["sft"]
+    assert again["base"] == outs["base"]   # the LoRA layers were removed, not merged
