@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from common import mfu, param_count, record, save_random_model  # noqa: E402
+from common import mfu, param_count, record, save_random_model, sync  # noqa: E402
 from conftest import build_tiny_tokenizer  # noqa: E402  (a byte-level BPE tokenizer with a ChatML template)
 
 WORDS = ("the sea poem capital answer numbers photosynthesis list write short explain simple words what is "
@@ -72,18 +72,19 @@ def write_data(S, n_rows: int) -> None:
     write_jsonl(S.paths.data_filtered / "sft_val.jsonl", rows[cut:])
     pairs = [{"id": r["id"], "prompt": r["prompt"], "chosen": r["completion"],
               "rejected": [{"role": "assistant", "content": _text(rng, len(r["completion"][0]["content"].split()))}]}
-             for r in rows[:600]]
-    write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:540])
-    write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[540:])
+             for r in rows[:600]]   # the original's 540/60 pairs
+    cut = len(pairs) - max(2, len(pairs) // 10)
+    write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:cut])
+    write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[cut:])
 
 
-def model_dir() -> Path:
-    path = Path(tempfile.gettempdir()) / "sit_bench_llama_3b"
+def model_dir(shape: str) -> Path:
+    path = Path(tempfile.gettempdir()) / f"sit_bench_llama_{shape}"
     if not (path / "tokenizer_config.json").exists():
         path.mkdir(parents=True, exist_ok=True)
         build_tiny_tokenizer(path)
     torch.manual_seed(0)
-    return save_random_model("3b", path)
+    return save_random_model(shape, path)
 
 
 # ---------------------------------------------------------------- measuring
@@ -99,7 +100,7 @@ class Clock:
                 self.t = []
 
             def on_step_end(self, args, state, control, **kw):
-                torch.cuda.synchronize()
+                sync()
                 self.t.append(time.perf_counter())
 
         return _Clock()
@@ -107,7 +108,9 @@ class Clock:
 
 def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tokens") -> dict:
     """Real (non-padding) tokens/s over the steps after `warm`, peak memory, MFU, the logged losses."""
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     err = None
     try:
         trainer.train()
@@ -116,7 +119,7 @@ def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tok
     hist = trainer.state.log_history
     ntok = [h[tokens_key] for h in hist if tokens_key in h]
     t = clock.t
-    out = {"peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    out = {"peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "losses": [round(h["loss"], 4) for h in hist if "loss" in h][:20]}
     if err:
         out["error"] = err
@@ -131,7 +134,8 @@ def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tok
 def free() -> None:
     """Release what the last variant left (its locals are gone once it returns)."""
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def have(module: str) -> bool:
@@ -149,14 +153,18 @@ def load(path: Path, four_bit: bool = False, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
     kw = {"quantization_config": bnb_config()} if four_bit else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0},
-                                                attn_implementation=attn, **kw)
+    cuda = torch.cuda.is_available()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                device_map={"": 0} if cuda else None, attn_implementation=attn, **kw)
 
 
 def trl_args(cls, name: str, steps: int, **kw):
-    return cls(output_dir=os.path.join(tempfile.gettempdir(), f"sit-bench-{name}"), max_steps=steps,
-               learning_rate=2e-4, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
-               bf16=True, dataloader_num_workers=0, seed=0, **kw)
+    """A TRL config for the non-sitlib variants: log every step, save and evaluate nothing; `kw` wins."""
+    base = dict(output_dir=os.path.join(tempfile.gettempdir(), f"sit-bench-{name}"), max_steps=steps,
+                learning_rate=2e-4, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+                bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                seed=0)
+    return cls(**{**base, **kw})
 
 
 # ---------------------------------------------------------------- sitlib's session
@@ -358,6 +366,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=5)
     ap.add_argument("--rows", type=int, default=900)
     ap.add_argument("--profile", default="h100")
+    ap.add_argument("--shape", default="3b", help="3b (the student); tiny with --profile cpu: a smoke run")
     ap.add_argument("--sitlib-attn", default="sit_varlen")
     ap.add_argument("--set", action="append", help="extra sitlib config KEY=VALUE for the sitlib variants")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -366,9 +375,9 @@ def main() -> None:
         random_fingerprints()
     torch.backends.cuda.matmul.allow_tf32 = True
     sets = {"lora.dropout": 0.0, **parse_sets(a.set)}
-    path = model_dir()
+    path = model_dir(a.shape)
     over = {"models.student": str(path), **sets}
-    n_params = param_count("3b")
+    n_params = param_count(a.shape)
     steps = a.steps + a.warm
     fast = session(a.profile, a.sitlib_attn, True, over, steps)
     write_data(fast, a.rows)

@@ -64,7 +64,8 @@ def save_random_model(shape: str, path: Path) -> Path:
         m = random_model(shape)
         m.save_pretrained(path)
         del m
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return path
 
 
