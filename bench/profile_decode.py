@@ -46,9 +46,10 @@ def main() -> None:
     top_p = G.Sampling(a.new, 1.0, 0.95)
     greedy = G.Sampling.greedy(a.new)
     n = a.rows
+    hf = G._generate_hf_batches
     cases = {
-        "hf_generate_topp_block": lambda: G._generate_hf_batches(model, tok, prompts, [top_p] * n, n, [block], _NoBar()),
-        "hf_generate_greedy": lambda: G._generate_hf_batches(model, tok, prompts, [greedy] * n, n, None, _NoBar()),
+        "hf_generate_topp_block": lambda: hf(model, tok, prompts, [top_p] * n, n, [block], _NoBar()),
+        "hf_generate_greedy": lambda: hf(model, tok, prompts, [greedy] * n, n, None, _NoBar()),
         "pool_topp_block": lambda: G.generate_pool(model, tok, prompts, top_p, n, [block]),
         "pool_greedy": lambda: G.generate_pool(model, tok, prompts, greedy, n),
     }
