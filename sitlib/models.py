@@ -123,17 +123,24 @@ def quantization_config(profile: Profile, role: str = "student"):
                               bnb_4bit_compute_dtype=compute)
 
 
-def attention_implementation(profile: Profile) -> str:
-    """The profile's attention for from_pretrained; sitlib's own kernels ("sit_*") are registered first."""
+def attention_implementation(profile: Profile, for_training: bool = False) -> str:
+    """The profile's attention for from_pretrained. sitlib's own kernels ("sit_*") serve padding-free training
+    only: they are registered first, and fall back to "sdpa" for generation or where the varlen kernel cannot
+    run (CPU, cards below compute capability 8.0, torch < 2.10)."""
     name = profile.attn_implementation
-    if name.startswith("sit_"):
-        try:
-            from .attention import register
-        except ImportError as e:
-            raise ProfileError(f"profile '{profile.name}' asks for attention '{name}', but sitlib.attention "
-                               f"cannot be imported ({e}); use attn_implementation='sdpa'") from None
-        register()
-    return name
+    if not name.startswith("sit_"):
+        return name
+    if not for_training:
+        return "sdpa"
+    try:
+        import torch
+
+        from .attention import best_implementation, register
+    except ImportError as e:
+        raise ProfileError(f"profile '{profile.name}' asks for attention '{name}', but sitlib.attention "
+                           f"cannot be imported ({e}); use attn_implementation='sdpa'") from None
+    register()
+    return best_implementation(torch.device(profile.device), torch_dtype(profile))
 
 
 def load_model(name: str, profile: Profile, for_training: bool = False, role: str = "student"):
@@ -143,7 +150,7 @@ def load_model(name: str, profile: Profile, for_training: bool = False, role: st
 
     path = resolve_model(name)
     qc = quantization_config(profile, role)
-    kwargs = dict(dtype=torch_dtype(profile), attn_implementation=attention_implementation(profile))
+    kwargs = dict(dtype=torch_dtype(profile), attn_implementation=attention_implementation(profile, for_training))
     if qc is not None:
         kwargs["quantization_config"] = qc
     if profile.device == "cuda":

@@ -113,8 +113,9 @@ def test_weights_key_changes_exactly_with_dtype_and_4bit():
     assert P["l4"].teacher_in_4bit and not P["l4"].load_in_4bit
 
 
-def test_every_profile_uses_sdpa_for_now():
-    assert {p.attn_implementation for p in hardware.PROFILES.values()} == {"sdpa"}
+def test_varlen_attention_only_on_bf16_padding_free_profiles():
+    for p in hardware.PROFILES.values():
+        assert p.attn_implementation == ("sit_varlen" if p.bf16 and p.padding_free else "sdpa"), p.name
 
 
 def test_80gb_cards_do_not_give_up_speed():
@@ -164,8 +165,9 @@ def test_committed_memory_measurements_cover_every_profile_as_configured():
         for stage, m in entry["stages"].items():
             assert m["ok"] and m["peak_gb"] <= 0.9 * card, (name, stage, m)
         cfg, s = load_config(None, prof.overrides), entry["settings"]
-        assert (s["dtype"], s["student_4bit"], s["teacher_4bit"], s["gradient_checkpointing"]) == (
-            prof.dtype, prof.load_in_4bit, prof.teacher_in_4bit, prof.gradient_checkpointing), name
+        assert (s["dtype"], s["student_4bit"], s["teacher_4bit"], s["gradient_checkpointing"],
+                s["attn_implementation"]) == (prof.dtype, prof.load_in_4bit, prof.teacher_in_4bit,
+                                              prof.gradient_checkpointing, prof.attn_implementation), name
         assert (s["sft"], s["dpo"], s["prompt_tuning"]) == tuple(
             f"{sec.batch_size}x{sec.gradient_accumulation}" for sec in (cfg.sft, cfg.dpo, cfg.prompt_tuning)), name
         assert (s["generation_batch"], s["preference_batch"], s["evaluation_batch"], s["max_seq_length"]) == (

@@ -73,11 +73,20 @@ def test_sit_attention_is_registered_first_or_named_clearly(monkeypatch):
 
     prof = replace(PROFILES["cpu"], attn_implementation="sit_varlen")
     calls = []
-    monkeypatch.setitem(sys.modules, "sitlib.attention", types.SimpleNamespace(register=lambda: calls.append(1)))
-    assert models.attention_implementation(prof) == "sit_varlen" and calls == [1]
+    fake = types.SimpleNamespace(register=lambda: calls.append(1), best_implementation=lambda d, t: "sit_varlen")
+    monkeypatch.setitem(sys.modules, "sitlib.attention", fake)
+    assert models.attention_implementation(prof, for_training=True) == "sit_varlen" and calls == [1]
+    assert models.attention_implementation(prof) == "sdpa"   # generation keeps SDPA (padded batches)
     monkeypatch.setitem(sys.modules, "sitlib.attention", None)   # absent: import fails
     with pytest.raises(ProfileError, match="sit_varlen"):
-        models.attention_implementation(prof)
+        models.attention_implementation(prof, for_training=True)
+
+
+def test_sit_varlen_falls_back_to_sdpa_where_the_kernel_cannot_run():
+    from dataclasses import replace
+
+    prof = replace(PROFILES["cpu"], attn_implementation="sit_varlen")
+    assert models.attention_implementation(prof, for_training=True) == "sdpa"   # no varlen kernel on a CPU
 
 
 def test_teacher_role_follows_teacher_4bit():
