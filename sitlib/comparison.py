@@ -98,7 +98,7 @@ def _bars(ax, xs: list[float], values: list, colour=None, width: float = 0.8, to
             ax.text(x, top * 0.55, gap_label, rotation=90, ha="center", va="center", fontsize=7, color="grey")
         else:
             ax.bar(x, number(v), width, color=colour)
-            ax.text(x, number(v), f"{number(v):.3g}", ha="center", va="bottom", fontsize=7)
+            ax.text(x, number(v), f"{number(v):.2g}", ha="center", va="bottom", fontsize=6)
     if all(number(v) is None for v in values):
         ax.set_yticks([])   # nothing measured: no scale to read
 
