@@ -25,12 +25,8 @@ pytestmark = pytest.mark.slow
 #          stages it needs, extra -p settings: enough steps/rows that the kill lands before the end)
 CKPT = "models/{}/checkpoints/checkpoint-*/trainer_state.json"   # a complete checkpoint exists: kill after it
 RESUMED = "resuming from checkpoint-"
-SFT_FINGERPRINT_BUG = pytest.mark.xfail(strict=True, reason=(
-    "training.sft_fingerprint hashes PEFT's LoraConfig.target_modules, a set, via json.dumps(default=str): its "
-    "order, hence the fingerprint, changes with each process's hash seed, so a rerun finds its checkpoints stale "
-    "and trains from step 0"))
 STAGES = [
-    pytest.param("05", "sft", CKPT.format("sft"), RESUMED, [], ["sft.max_steps=16"], marks=SFT_FINGERPRINT_BUG),
+    ("05", "sft", CKPT.format("sft"), RESUMED, [], ["sft.max_steps=16"]),
     ("05b", "prompt-tuning", CKPT.format("prompt_tuning"), RESUMED, [], ["prompt_tuning.max_steps=16"]),
     ("06", "dpo", CKPT.format("dpo"), RESUMED, ["05"], ["dpo.max_steps=12"]),
     ("07", "benchmark", "evaluation/results/benchmark/*.json", None, ["05", "05b", "06"], []),
@@ -109,8 +105,7 @@ def check_tree(tree: Path) -> None:
             assert is_complete(ckpt), f"{ckpt} is incomplete"
 
 
-@pytest.mark.parametrize("stage, name, trigger, resumed, needs, extra", STAGES,
-                         ids=[(s.values if hasattr(s, "values") else s)[0] for s in STAGES])
+@pytest.mark.parametrize("stage, name, trigger, resumed, needs, extra", STAGES, ids=[s[0] for s in STAGES])
 def test_kill_then_rerun(stage, name, trigger, resumed, needs, extra, tree, tiny_model_dir, tmp_path):
     if FAILED & set(needs):
         pytest.skip(f"needs stage(s) that failed: {sorted(FAILED & set(needs))}")
