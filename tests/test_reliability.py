@@ -211,11 +211,10 @@ def test_unknown_model_id_is_one_line_naming_the_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="sitlib.models passes a missing local folder to from_pretrained, which "
-                                       "raises OSError (a traceback) instead of a one-line SitError")
 def test_missing_local_model_folder_is_one_line(tmp_path):
     r = _run_setup_notebook(tmp_path, str(tmp_path / "no-such-folder"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: 01_setup.ipynb, cell 3 (") and str(tmp_path / "no-such-folder") in r.stderr
 
 
 # ---------------------------------------------------------------- secrets
