@@ -168,10 +168,14 @@ class _PoolLayer:
         return -1
 
 
+def is_prompt_learning(model) -> bool:
+    """A PEFT prompt-learning model (prompt tuning): virtual tokens in front of every input."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
 def pool_supported(model) -> bool:
     """The pool drives plain decoder-only models whose every layer has a full-attention cache."""
-    peft_cfg = getattr(model, "active_peft_config", None)
-    if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
+    if is_prompt_learning(model):
         return False      # virtual tokens are added by PEFT's own generate
     try:
         from transformers import DynamicCache
@@ -468,6 +472,42 @@ def _hf_generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
     return results
 
 
+@torch.inference_mode()
+def uncached_generate(model, tok, ids: list[int], sampling: Sampling, logits_processors: Optional[list] = None,
+                      streamer=None) -> tuple[list[int], bool]:
+    """One prompt without the KV cache: the path for prompt-tuned models. With the cache, PEFT 0.21 +
+    transformers 5.24 go wrong from the third new token (an untrained text-init soft prompt answered "What is
+    2 + 3?" with "2 +You are a helpfulYouYou…"; without the cache, and in a loop of full forwards, "2 + 3 = 5").
+    One prompt at a time because PEFT drops position ids for virtual tokens, so left padding would shift the
+    prompt's positions. Returns (new token ids up to the stop, stopped on EOS)."""
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    stop = eos_ids(model, tok)
+    kwargs = dict(do_sample=sampling.do_sample, max_new_tokens=sampling.max_new_tokens, use_cache=False,
+                  pad_token_id=tok.pad_token_id, eos_token_id=stop, streamer=streamer)
+    if sampling.do_sample:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    if logits_processors:
+        from transformers import LogitsProcessorList
+
+        for p in logits_processors:
+            if hasattr(p, "prompt_len"):
+                p.prompt_len = len(ids)
+        kwargs["logits_processor"] = LogitsProcessorList(logits_processors)
+    new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)[0, len(ids):].tolist()
+    end = next((j for j, t in enumerate(new) if t in stop), None)
+    return (new if end is None else new[:end]), end is not None
+
+
+def _uncached_completions(model, tok, inputs, per_row, processors, bar=None) -> list[Completion]:
+    out = []
+    for ids, s in zip(inputs, per_row):
+        new, ended = uncached_generate(model, tok, ids, s, processors)
+        out.append(Completion(tok.decode(new, skip_special_tokens=True).strip(), len(new), ended))
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
 # ---------------------------------------------------------------- public entry points
 
 def generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
@@ -475,6 +515,8 @@ def generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
     """All of `batch` in flight at once (one small call, e.g. a chat reply)."""
     if pool_supported(model):
         return generate_pool(model, tok, batch, sampling, len(batch), logits_processors)
+    if is_prompt_learning(model):
+        return _uncached_completions(model, tok, batch, [sampling] * len(batch), logits_processors)
     return _hf_generate_batch(model, tok, batch, sampling, logits_processors)
 
 
@@ -496,6 +538,8 @@ def generate(model, tok, inputs: list[list[int]], sampling: Union[Sampling, Sequ
             fit = rows_that_fit(model, pool_columns(inputs, per_row), limit=len(inputs))
             rows = min(fit, batch_size) if batch_size else fit
             return generate_pool(model, tok, inputs, per_row, max(1, rows), logits_processors, bar)
+        if is_prompt_learning(model):
+            return _uncached_completions(model, tok, inputs, per_row, logits_processors, bar)
         return _generate_hf_batches(model, tok, inputs, per_row, batch_size or 16, logits_processors, bar)
     finally:
         bar.close()

@@ -21,7 +21,7 @@ import torch
 from .artifacts import read_json, read_jsonl, write_json, write_metrics
 from .errors import BadInputError, HubAccessError, OutOfMemoryError
 from .figures import training_curves
-from .generation import Sampling, chat_input_ids, generate
+from .generation import Sampling, chat_input_ids, generate, is_prompt_learning, uncached_generate
 
 # resume point of a run: same fingerprint → newest complete checkpoint; other weights (a profile switch) → moved
 # aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
@@ -380,43 +380,16 @@ def sample_tokens(cfg) -> int:
     return cfg.evaluation.max_new_tokens
 
 
-def is_prompt_learning(model) -> bool:
-    """A PEFT prompt-learning model (prompt tuning): virtual tokens in front of every input."""
-    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
-
-
-def _uncached_greedy(model, tok, ids: list[int], max_new_tokens: int, streamer=None) -> tuple[list[int], bool]:
-    """One prompt, greedy, without the KV cache. For prompt-tuned models: with the cache, PEFT 0.21 + transformers
-    5.24 go wrong from the third new token (an untrained text-init soft prompt answered "What is 2 + 3?" with
-    "2 +You are a helpfulYouYou…"; without the cache, and in a loop of full forwards, "2 + 3 = 5"). One prompt at a
-    time because PEFT drops position ids for virtual tokens, so left padding would shift the prompt's positions."""
-    x = torch.tensor([ids], device=next(model.parameters()).device)
-    with torch.inference_mode():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                             do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, streamer=streamer)
-    new = out[0, len(ids):].tolist()
-    ended = tok.eos_token_id in new
-    return (new[: new.index(tok.eos_token_id)] if ended else new), ended
-
-
 def sample_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """Greedy answers to single-turn prompts through the chat template (batched with the KV cache; prompt-tuned
-    models one at a time without it, see _uncached_greedy)."""
+    """Greedy answers to single-turn prompts through the chat template (prompt-tuned models are decoded one at a
+    time without the KV cache: see generation.uncached_generate)."""
     was_training = model.training
     model.eval()
     inputs = chat_input_ids(tok, [[{"role": "user", "content": p}] for p in prompts])
-    if is_prompt_learning(model):
-        rows = []
-        for ids in inputs:
-            new, ended = _uncached_greedy(model, tok, ids, max_new_tokens)
-            rows.append({"answer": tok.decode(new, skip_special_tokens=True).strip(), "stopped_on_eos": ended,
-                         "new_tokens": len(new)})
-    else:
-        rows = [{"answer": o.text, "stopped_on_eos": o.ended, "new_tokens": o.n_tokens}
-                for o in generate(model, tok, inputs, Sampling.greedy(max_new_tokens), batch_size=len(prompts) or 1)]
+    outs = generate(model, tok, inputs, Sampling.greedy(max_new_tokens), batch_size=len(prompts) or 1)
     model.train(was_training)
-    return [{"prompt": p, **r} for p, r in zip(prompts, rows)]
+    return [{"prompt": p, "answer": o.text, "stopped_on_eos": o.ended, "new_tokens": o.n_tokens}
+            for p, o in zip(prompts, outs)]
 
 
 def side_by_side(**answers: list[dict]):
@@ -437,8 +410,8 @@ def chat(model, tok, prompt: str, max_new_tokens: int = 128, temperature: float 
     model.eval()
     ids = chat_input_ids(tok, [[{"role": "user", "content": prompt}]])[0]
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    if is_prompt_learning(model):   # greedy without the KV cache (see _uncached_greedy)
-        new, _ = _uncached_greedy(model, tok, ids, max_new_tokens, streamer)
+    if is_prompt_learning(model):   # greedy without the KV cache (see generation.uncached_generate)
+        new, _ = uncached_generate(model, tok, ids, Sampling.greedy(max_new_tokens), streamer=streamer)
     else:
         x = torch.tensor([ids], device=next(model.parameters()).device)
         kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
