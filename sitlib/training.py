@@ -25,7 +25,9 @@ from .generation import Sampling, chat_input_ids, generate, is_prompt_learning, 
 
 # resume point of a run: same fingerprint → newest complete checkpoint; other weights (a profile switch) → moved
 # aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
-from .checkpoints import prepare_checkpoints, tokens_seen  # noqa: F401
+from . import checkpoints
+from .checkpoints import tokens_seen  # noqa: F401
+from .distributed import for_world, is_main_process, main_process_first, wait_for_everyone
 
 SFT_FILES = ("sft_train.jsonl", "sft_val.jsonl")
 DPO_FILES = ("dpo_train.jsonl", "dpo_val.jsonl")
@@ -143,7 +145,9 @@ def show_preference_pair(tok, row: dict) -> dict:
 def common_args(section, session, out_dir: Path, padding_free: bool) -> dict:
     """TrainingArguments shared by the three trainers, from the stage's config section and the profile."""
     prof = session.profile
-    return dict(
+    # for_world: under accelerate/torchrun, gradient accumulation shrinks with the number of processes so the
+    # effective batch (and so the learning rate's meaning) stays as configured; the log says so
+    return for_world(dict(
         output_dir=str(out_dir), num_train_epochs=section.epochs, max_steps=section.max_steps,
         per_device_train_batch_size=section.batch_size, per_device_eval_batch_size=section.batch_size,
         gradient_accumulation_steps=section.gradient_accumulation, learning_rate=section.learning_rate,
@@ -158,7 +162,14 @@ def common_args(section, session, out_dir: Path, padding_free: bool) -> dict:
         max_length=None if padding_free else session.config.models.max_seq_length, report_to="none",
         seed=session.config.seed, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         save_only_model=False,
-    )
+    ))
+
+
+def prepare_checkpoints(ckpt_dir: Path, fp: str, weights_key: str) -> Optional[str]:
+    """sitlib.checkpoints.prepare_checkpoints, rank 0 first: it moves and removes folders, which would race
+    across processes; the other ranks then find the same resume point."""
+    with main_process_first():
+        return checkpoints.prepare_checkpoints(ckpt_dir, fp, weights_key)
 
 
 def sft_args(session, section: str, ckpt_dir: Path):
@@ -451,6 +462,13 @@ def finish_training(session, stage: str, trainer, tok, result: TrainResult, eval
         "compute_units": None if rate is None else round(result.seconds / 3600 * rate, 4),
         **data_sizes, **extra, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if is_main_process():   # one writer under several processes; the others wait at the barrier below
+        _save_final(session, stage, trainer, tok, metrics, fp, final_dir, data_sizes, peft_cfg, curve_extra)
+    wait_for_everyone()
+    return metrics
+
+
+def _save_final(session, stage, trainer, tok, metrics, fp, final_dir, data_sizes, peft_cfg, curve_extra) -> None:
     # only the trained adapter: DPO's frozen "ref" copy is not part of the result
     trainer.model.save_pretrained(str(final_dir), selected_adapters=["default"])
     tok.save_pretrained(str(final_dir))
@@ -463,7 +481,6 @@ def finish_training(session, stage: str, trainer, tok, result: TrainResult, eval
         "base_model": session.config.models.student, "peft": _jsonable(peft_cfg),
         "training_args": _jsonable(trainer.args.to_dict()), "data": data_sizes, "results": metrics,
         "profile": session.profile.name, "timestamp": metrics["timestamp"], "fingerprint": fp})
-    return metrics
 
 
 def merge_adapter(session, adapter_dir: Path, out_dir: Path) -> Path:
