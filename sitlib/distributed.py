@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .errors import ConfigError, PipelineError, SitError
+from .artifacts import jsonl_lines
 
 # ---------------------------------------------------------------- world facts
 
@@ -207,14 +208,13 @@ def done_results(folder: Path) -> dict:
     """id → result of every work item finished so far, whatever number of devices wrote them."""
     out = {}
     for path in _results_files(Path(folder)):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise PipelineError(f"{path}, line {n}: not valid JSON (delete the file to redo its items)") \
-                        from None
-                out[rec["id"]] = rec["result"]
+        for n, line in jsonl_lines(path):   # "\n" only: results may hold U+2028 and friends
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise PipelineError(f"{path}, line {n}: not valid JSON (delete the file to redo its items)") \
+                    from None
+            out[rec["id"]] = rec["result"]
     return out
 
 
