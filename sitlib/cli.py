@@ -114,7 +114,11 @@ def run_stages(args, stages: list[str]) -> int:
     check_notebook_params(stages, args.param)
     out = resolve_output_dir(args.output_dir)
     check_writable(out)
-    run_dir = run_pipeline(stages, out, args.profile, args.config, dict(args.param))
+    # under `accelerate launch` every process runs the training notebooks; rank 0 alone locks and writes runs/
+    from .distributed import run_stages_on_world, world
+
+    runner = run_stages_on_world if world().is_distributed else run_pipeline
+    run_dir = runner(stages, out, args.profile, args.config, dict(args.param))
     print(f"executed notebooks and logs: {run_dir}")
     return 0
 
