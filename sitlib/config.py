@@ -151,7 +151,8 @@ class EvaluationConfig:
 class CostConfig:
     # Colab compute units per hour by profile: the original paid 5.37/h on an A100. Rates you have not looked up
     # stay null, and the cost is then reported as null rather than guessed.
-    units_per_hour: dict = field(default_factory=lambda: {"cpu": 0.0, "t4": None, "a100": 5.37, "h100": None})
+    units_per_hour: dict = field(default_factory=lambda: {"cpu": 0.0, "t4": None, "l4": None, "a100-40gb": 5.37,
+                                                         "a100-80gb": None, "h100": None})
 
 
 @dataclass
