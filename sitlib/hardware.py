@@ -71,7 +71,7 @@ PROFILES: dict[str, Profile] = {
         "filter.target_count": 16, "filter.min_score": 0.3, "filter.val_fraction": 0.2,
         "preference.max_prompts": 8, "preference.temperatures": [0.7, 1.1], "preference.max_new_tokens": 96,
         "preference.batch_size": 12, "preference.min_margin": 0.05, "preference.val_fraction": 0.2,
-        "preference.chunk_size": 4,
+        "preference.chunk_size": 8, "generation.constraint_samples": 2,
         "sft.epochs": 2.0, "sft.batch_size": 4, "sft.gradient_accumulation": 1, "sft.learning_rate": 2e-4,
         "sft.save_steps": 4, "sft.eval_steps": 4, "sft.logging_steps": 1, "sft.warmup_ratio": 0.1,
         "prompt_tuning.epochs": 2.0, "prompt_tuning.batch_size": 4, "prompt_tuning.gradient_accumulation": 1,

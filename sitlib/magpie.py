@@ -284,7 +284,7 @@ def load_teacher(session):
     from .models import load_model, load_tokenizer
 
     name = session.config.models.teacher
-    return load_tokenizer(name), load_model(name, session.profile)
+    return load_tokenizer(name), load_model(name, session.profile, role="teacher")
 
 
 def run_magpie(session, teacher=None) -> dict:

@@ -48,7 +48,8 @@ def load_candidate_model(session):
 
     source, models = session.config.preference.candidate_source, session.config.models
     if source == "teacher":
-        return load_tokenizer(models.teacher), load_model(models.teacher, session.profile), f"teacher {models.teacher}"
+        model = load_model(models.teacher, session.profile, role="teacher")   # 4-bit where the profile says so
+        return load_tokenizer(models.teacher), model, f"teacher {models.teacher}"
     if source == "sft":
         from peft import PeftModel
 
