@@ -79,7 +79,7 @@ PROFILES: dict[str, Profile] = {
         "prompt_tuning.warmup_ratio": 0.1,
         "dpo.epochs": 1.0, "dpo.batch_size": 2, "dpo.gradient_accumulation": 1, "dpo.save_steps": 2,
         "dpo.eval_steps": 2, "dpo.logging_steps": 1, "dpo.learning_rate": 5e-6,
-        "evaluation.benchmark_items": 12, "evaluation.max_new_tokens": 64, "evaluation.batch_size": 12,
+        "evaluation.benchmark_items": 24, "evaluation.max_new_tokens": 64, "evaluation.batch_size": 24,
         "evaluation.agent_episodes": 4, "evaluation.agent_max_turns": 3, "evaluation.agent_max_new_tokens": 48,
     }),
     # T4, 15 GB, compute capability 7.5: no bf16 hardware, so fp16 + 4-bit QLoRA + checkpointing.

@@ -469,6 +469,8 @@ def finish_training(session, stage: str, trainer, tok, result: TrainResult, eval
 
 
 def _save_final(session, stage, trainer, tok, metrics, fp, final_dir, data_sizes, peft_cfg, curve_extra) -> None:
+    from .variants import input_digests
+
     # only the trained adapter: DPO's frozen "ref" copy is not part of the result
     trainer.model.save_pretrained(str(final_dir), selected_adapters=["default"])
     tok.save_pretrained(str(final_dir))
@@ -480,7 +482,9 @@ def _save_final(session, stage, trainer, tok, metrics, fp, final_dir, data_sizes
     write_json(final_dir / "training_config.json", {
         "base_model": session.config.models.student, "peft": _jsonable(peft_cfg),
         "training_args": _jsonable(trainer.args.to_dict()), "data": data_sizes, "results": metrics,
-        "profile": session.profile.name, "timestamp": metrics["timestamp"], "fingerprint": fp})
+        "profile": session.profile.name, "timestamp": metrics["timestamp"], "fingerprint": fp,
+        # sha256 of the data files trained on: 07/08 refuse an adapter whose inputs have changed since
+        "inputs": input_digests(session, stage)})
 
 
 def merge_adapter(session, adapter_dir: Path, out_dir: Path) -> Path:
