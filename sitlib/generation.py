@@ -5,7 +5,7 @@ waiting prompt takes its place, so no batch runs to its longest row. The pool is
 (free memory over the KV cache of one row at full length), not a fixed chunk. The KV cache is preallocated per
 pool, so a decode step writes one column instead of copying the whole cache (transformers' DynamicCache
 concatenates on every step). Models the pool cannot drive (prompt tuning's virtual tokens, sliding-window or
-hybrid caches) go through `model.generate` in length-sorted batches, as before.
+hybrid caches) go through `generate` of transformers in length-sorted batches, with the KV cache.
 """
 from __future__ import annotations
 
@@ -450,15 +450,19 @@ def _hf_generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
                   eos_token_id=stop, use_cache=True)
     if sampling.do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    soft = is_prompt_learning(model)   # decoded from embeddings: the output holds only the new tokens
     if logits_processors:
         from transformers import LogitsProcessorList
 
         for p in logits_processors:
             if hasattr(p, "prompt_len"):
-                p.prompt_len = width
+                p.prompt_len = 0 if soft else width
         kwargs["logits_processor"] = LogitsProcessorList(logits_processors)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-    new = out[:, width:].cpu()
+    ids, mask = ids.to(device), mask.to(device)
+    if soft:
+        new = model.get_base_model().generate(**soft_prompt_inputs(model, ids, mask), **kwargs).cpu()
+    else:
+        new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:].cpu()
     results = []
     for row in new.tolist():
         n, ended = len(row), False
@@ -472,40 +476,20 @@ def _hf_generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
     return results
 
 
-@torch.inference_mode()
-def uncached_generate(model, tok, ids: list[int], sampling: Sampling, logits_processors: Optional[list] = None,
-                      streamer=None) -> tuple[list[int], bool]:
-    """One prompt without the KV cache: the path for prompt-tuned models. With the cache, PEFT 0.21 +
-    transformers 5.24 go wrong from the third new token (an untrained text-init soft prompt answered "What is
-    2 + 3?" with "2 +You are a helpfulYouYou…"; without the cache, and in a loop of full forwards, "2 + 3 = 5").
-    One prompt at a time because PEFT drops position ids for virtual tokens, so left padding would shift the
-    prompt's positions. Returns (new token ids up to the stop, stopped on EOS)."""
-    x = torch.tensor([ids], device=next(model.parameters()).device)
-    stop = eos_ids(model, tok)
-    kwargs = dict(do_sample=sampling.do_sample, max_new_tokens=sampling.max_new_tokens, use_cache=False,
-                  pad_token_id=tok.pad_token_id, eos_token_id=stop, streamer=streamer)
-    if sampling.do_sample:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    if logits_processors:
-        from transformers import LogitsProcessorList
+def soft_prompt_inputs(model, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The base model's inputs for a prompt-tuned PEFT model: its virtual-token embeddings in front of each
+    left-padded prompt's embeddings, the mask extended over them.
 
-        for p in logits_processors:
-            if hasattr(p, "prompt_len"):
-                p.prompt_len = len(ids)
-        kwargs["logits_processor"] = LogitsProcessorList(logits_processors)
-    new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)[0, len(ids):].tolist()
-    end = next((j for j, t in enumerate(new) if t in stop), None)
-    return (new if end is None else new[:end]), end is not None
-
-
-def _uncached_completions(model, tok, inputs, per_row, processors, bar=None) -> list[Completion]:
-    out = []
-    for ids, s in zip(inputs, per_row):
-        new, ended = uncached_generate(model, tok, ids, s, processors)
-        out.append(Completion(tok.decode(new, skip_special_tokens=True).strip(), len(new), ended))
-        if bar is not None:
-            bar.update(1)
-    return out
+    PEFT's own generate goes wrong with the KV cache (PEFT 0.21 + transformers 5.24: an untrained text-init soft
+    prompt answered "What is 2 + 3?" with "2 +You are a helpfulYouYou…" from the third new token on) and drops
+    position ids, so left padding would shift the prompt's positions. The base model's generate, given the
+    embeddings, keeps the cache and takes positions from the mask (virtual tokens 0..n-1, then the prompt,
+    as in training), so a batch decodes as each prompt would alone."""
+    base = model.get_base_model()
+    embeds = base.get_input_embeddings()(ids)
+    soft = model.get_prompt(batch_size=ids.shape[0]).to(embeds.dtype)
+    ones = torch.ones(soft.shape[:2], dtype=mask.dtype, device=mask.device)
+    return {"inputs_embeds": torch.cat([soft, embeds], 1), "attention_mask": torch.cat([ones, mask], 1)}
 
 
 # ---------------------------------------------------------------- public entry points
@@ -515,8 +499,6 @@ def generate_batch(model, tok, batch: list[list[int]], sampling: Sampling,
     """All of `batch` in flight at once (one small call, e.g. a chat reply)."""
     if pool_supported(model):
         return generate_pool(model, tok, batch, sampling, len(batch), logits_processors)
-    if is_prompt_learning(model):
-        return _uncached_completions(model, tok, batch, [sampling] * len(batch), logits_processors)
     return _hf_generate_batch(model, tok, batch, sampling, logits_processors)
 
 
@@ -538,8 +520,6 @@ def generate(model, tok, inputs: list[list[int]], sampling: Union[Sampling, Sequ
             fit = rows_that_fit(model, pool_columns(inputs, per_row), limit=len(inputs))
             rows = min(fit, batch_size) if batch_size else fit
             return generate_pool(model, tok, inputs, per_row, max(1, rows), logits_processors, bar)
-        if is_prompt_learning(model):
-            return _uncached_completions(model, tok, inputs, per_row, logits_processors, bar)
         return _generate_hf_batches(model, tok, inputs, per_row, batch_size or 16, logits_processors, bar)
     finally:
         bar.close()

@@ -21,7 +21,7 @@ import torch
 from .artifacts import read_json, read_jsonl, write_json, write_metrics
 from .errors import BadInputError, HubAccessError, OutOfMemoryError
 from .figures import training_curves
-from .generation import Sampling, chat_input_ids, generate, is_prompt_learning, uncached_generate
+from .generation import Sampling, chat_input_ids, generate, is_prompt_learning, soft_prompt_inputs
 
 # resume point of a run: same fingerprint → newest complete checkpoint; other weights (a profile switch) → moved
 # aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
@@ -392,8 +392,7 @@ def sample_tokens(cfg) -> int:
 
 
 def sample_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """Greedy answers to single-turn prompts through the chat template (prompt-tuned models are decoded one at a
-    time without the KV cache: see generation.uncached_generate)."""
+    """Greedy answers to single-turn prompts through the chat template."""
     was_training = model.training
     model.eval()
     inputs = chat_input_ids(tok, [[{"role": "user", "content": p}] for p in prompts])
@@ -417,21 +416,20 @@ def chat(model, tok, prompt: str, max_new_tokens: int = 128, temperature: float 
     """One chat turn, printed as it is generated; temperature 0 = greedy."""
     from transformers import TextStreamer
 
-    was_training = model.training
+    peft_model, was_training = model, model.training
     model.eval()
     ids = chat_input_ids(tok, [[{"role": "user", "content": prompt}]])[0]
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    if is_prompt_learning(model):   # greedy without the KV cache (see generation.uncached_generate)
-        new, _ = uncached_generate(model, tok, ids, Sampling.greedy(max_new_tokens), streamer=streamer)
-    else:
-        x = torch.tensor([ids], device=next(model.parameters()).device)
-        kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
-        with torch.inference_mode():
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, streamer=streamer,
-                                 **kw)
-        new = out[0, len(ids):].tolist()
-    model.train(was_training)
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    inputs = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+    kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
+    with torch.inference_mode():
+        if is_prompt_learning(model):   # the base model decodes from the soft prompt's embeddings (see generation)
+            model, inputs = model.get_base_model(), soft_prompt_inputs(model, x, inputs["attention_mask"])
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, streamer=streamer, **kw)
+    new = out[0, x.shape[1]:].tolist() if "input_ids" in inputs else out[0].tolist()
+    peft_model.train(was_training)
     return tok.decode(new, skip_special_tokens=True).strip()
 
 

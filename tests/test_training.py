@@ -272,6 +272,8 @@ def _forward_greedy(model, ids, n):
 
 
 def test_prompt_tuned_answers_match_full_forward_decoding(tiny_model_dir):
+    """Batched, KV-cached decoding of a prompt-tuned model (the base model fed the soft prompt's embeddings) gives
+    what full forwards through the PEFT model give, one token at a time."""
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
     from sitlib.generation import chat_input_ids
 
@@ -281,8 +283,11 @@ def test_prompt_tuned_answers_match_full_forward_decoding(tiny_model_dir):
         task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init=PromptTuningInit.RANDOM)).eval()
     with torch.no_grad():   # a soft prompt far from zero, as after training
         model.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)
-    prompts = ["Write a short poem about the sea.", "What is the capital of France?"]
+    # lengths far apart: the batch is left-padded, so a shifted position or a leaked pad would change the answers
+    prompts = ["Write a short poem about the sea.", "Hi",
+               "Explain photosynthesis in simple words for a child, with two short examples and one list."]
     got = training.sample_answers(model, tok, prompts, 12)
+    assert len({len(chat_input_ids(tok, [[{"role": "user", "content": p}]])[0]) for p in prompts}) == 3
     for p, g in zip(prompts, got):
         want = _forward_greedy(model, chat_input_ids(tok, [[{"role": "user", "content": p}]])[0], 12)
         if tok.eos_token_id in want:
