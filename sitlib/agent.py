@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import functools
 import json
 import operator
 import random
@@ -356,12 +357,29 @@ def run_key(session, episodes: list[dict], fresh: dict) -> dict:
             "adapter_fingerprint": fresh.get("fingerprint")}
 
 
+def _episodes_process(max_turns: int, max_new_tokens: int, batch_size: int, tok, model):
+    return lambda item: run_episodes(model, tok, item["episodes"], max_turns, max_new_tokens, batch_size)
+
+
+def transcripts(session, name: str, model, tok, episodes: list[dict]) -> list[dict]:
+    """Every episode played by variant `name`: in this process, or the episodes split over the devices that
+    generation.devices names (greedy turns, so a transcript does not depend on the split)."""
+    from .sharding import for_variant, run, split
+
+    ev = session.config.evaluation
+    args = (ev.agent_max_turns, ev.agent_max_new_tokens, ev.batch_size)
+    shards = for_variant(session, name)
+    if shards is None:
+        return run_episodes(model, tok, episodes, *args)
+    work = [{"id": k, "episodes": part} for k, part in enumerate(split(episodes, len(shards.devices)))]
+    return [t for part in run(shards, model, tok, functools.partial(_episodes_process, *args), work) for t in part]
+
+
 def play(session, name: str, model, tok, episodes: list[dict], key: dict) -> dict:
     """One variant's episodes, saved atomically (evaluation/results/agent/<variant>.json) so a rerun skips it."""
     from .benchmark import save_variant
 
-    ev = session.config.evaluation
-    trs = run_episodes(model, tok, episodes, ev.agent_max_turns, ev.agent_max_new_tokens, ev.batch_size)
+    trs = transcripts(session, name, model, tok, episodes)
     rows = [{"model": name, **t} for t in trs]
     return save_variant(session, name, key, rows, "agent", {**summarise(trs), "protocol": protocol_of(tok)})
 

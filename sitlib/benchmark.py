@@ -96,13 +96,23 @@ def finished(session, name: str, key: dict, kind: str = "benchmark") -> Optional
     return None
 
 
-def generate_rows(session, name: str, model, tok, items: list[dict]) -> list[dict]:
-    """Greedy answers of one variant to every item, each scored."""
+def answers(session, name: str, model, tok, prompts: list[str], desc: str) -> list:
+    """Greedy answers of variant `name` to each prompt: in this process, or split over the devices that
+    generation.devices names (greedy, so the answers do not depend on the split)."""
     from .generation import Sampling, chat_input_ids, generate
+    from .sharding import for_variant, generate_greedy
 
     ev = session.config.evaluation
-    inputs = chat_input_ids(tok, [[{"role": "user", "content": it["prompt"]}] for it in items])
-    outs = generate(model, tok, inputs, Sampling.greedy(ev.max_new_tokens), ev.batch_size, desc=f"07 {name}")
+    inputs = chat_input_ids(tok, [[{"role": "user", "content": p}] for p in prompts])
+    shards = for_variant(session, name)
+    if shards is None:
+        return generate(model, tok, inputs, Sampling.greedy(ev.max_new_tokens), ev.batch_size, desc=desc)
+    return generate_greedy(shards, model, tok, inputs, Sampling.greedy(ev.max_new_tokens), ev.batch_size)
+
+
+def generate_rows(session, name: str, model, tok, items: list[dict]) -> list[dict]:
+    """Greedy answers of one variant to every item, each scored."""
+    outs = answers(session, name, model, tok, [it["prompt"] for it in items], f"07 {name}")
     return [{"model": name, "prompt_id": it["id"], "category": it["category"], "prompt": it["prompt"],
              "output": o.text, "output_tokens": o.n_tokens, "stopped_on_eos": o.ended, **score_output(it, o.text)}
             for it, o in zip(items, outs)]
@@ -203,11 +213,7 @@ def score_official(samples: list, texts: list[str]) -> dict:
 
 def run_official(session, name: str, model, tok, samples: list, key: dict) -> dict:
     """One variant on IFEval's prompts, scored; saved like the suite's results so a rerun skips it."""
-    from .generation import Sampling, chat_input_ids, generate
-
-    ev = session.config.evaluation
-    inputs = chat_input_ids(tok, [[{"role": "user", "content": s.prompt}] for s in samples])
-    outs = generate(model, tok, inputs, Sampling.greedy(ev.max_new_tokens), ev.batch_size, desc=f"IFEval {name}")
+    outs = answers(session, name, model, tok, [s.prompt for s in samples], f"IFEval {name}")
     rows = [{"model": name, "key": s.key, "prompt": s.prompt, "output": o.text} for s, o in zip(samples, outs)]
     return save_variant(session, name, key, rows, "ifeval_official", score_official(samples, [o.text for o in outs]))
 

@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .errors import ConfigError
 
@@ -45,6 +45,9 @@ class GenerationConfig:
     constraint_share: float = 0.3
     max_constraints: int = 3
     constraint_samples: int = 4
+    # generation of 02/04/07/08: 1 = this process (as on one GPU); "auto" = every visible GPU when there are
+    # several; a count n = the first n GPUs; or a list such as ["cuda:0", "cuda:1"] (one model per GPU)
+    devices: Union[str, int, list] = 1
 
 
 @dataclass
@@ -269,6 +272,9 @@ def _one_of(*options):
 
 
 _STEPS = (lambda v: v == -1 or v >= 1), "-1 (whole epochs) or ≥ 1"
+_DEVICES = ((lambda v: v == "auto" or (isinstance(v, int) and v >= 1) or
+             (isinstance(v, list) and bool(v) and all(isinstance(d, str) for d in v))),
+            "'auto', a number of devices ≥ 1, or a list such as ['cuda:0', 'cuda:1']")
 _TRAINING = ("sft", "prompt_tuning", "dpo")
 # key → (test, allowed range as the error states it); `*` stands for each training section
 RANGES = {
@@ -281,7 +287,7 @@ RANGES = {
     "generation.response_top_p": _between(0, 1, hi_open=False),
     "generation.instruction_max_new_tokens": _at_least(1), "generation.response_max_new_tokens": _at_least(1),
     "generation.constraint_share": _between(0, 1, False, False), "generation.max_constraints": _at_least(1),
-    "generation.constraint_samples": _at_least(1),
+    "generation.constraint_samples": _at_least(1), "generation.devices": _DEVICES,
     "filter.min_instruction_words": _at_least(0), "filter.min_response_words": _at_least(0),
     "filter.max_instruction_words": _at_least(1), "filter.max_response_words": _at_least(1),
     "filter.max_non_ascii_ratio": _between(0, 1, False, False),

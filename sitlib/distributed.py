@@ -230,26 +230,37 @@ def _pin_device(device: str) -> str:
     return "cuda:0"
 
 
-def _worker(rank: int, load_fn: Callable, work: list, devices: list[str], folder: str, cpu_threads: int) -> None:
-    """One process: its device, its model, its shard; each finished item appended (atomically) to its file."""
+def _serve(rank: int, process: Callable, work: list, devices: list[str], folder: str,
+           after_each: Optional[Callable] = None) -> None:
+    """Rank `rank`'s share of `work` through `process`; each finished item appended (atomically) to its file."""
     from .artifacts import append_jsonl
 
+    out = Path(folder) / f"shard-{rank:03d}-of-{len(devices):03d}.jsonl"
+    for item in shard(work, rank, len(devices)):
+        append_jsonl(out, [{"id": item["id"], "result": process(item)}])
+        if after_each is not None:
+            after_each()
+
+
+def _worker(rank: int, load_fn: Callable, work: list, devices: list[str], folder: str, cpu_threads: int) -> None:
+    """One process: its device, its model, its shard."""
     device = _pin_device(devices[rank]) if len(devices) > 1 else devices[rank]
     import torch
 
     if device == "cpu":
         torch.set_num_threads(cpu_threads)   # W processes share the cores instead of each taking them all
-    mine = shard(work, rank, len(devices))
-    if not mine:
-        return
-    process = load_fn(device)
-    out = Path(folder) / f"shard-{rank:03d}-of-{len(devices):03d}.jsonl"
-    for item in mine:
-        append_jsonl(out, [{"id": item["id"], "result": process(item)}])
+    if shard(work, rank, len(devices)):
+        _serve(rank, load_fn(device), work, devices, folder)
+
+
+def _spawned(i: int, first: int, *args) -> None:
+    """mp numbers its processes from 0; they serve ranks first, first + 1, ..."""
+    _worker(first + i, *args)
 
 
 def generate_data_parallel(load_fn: Callable[[str], Callable[[dict], Any]], work: Sequence[dict],
-                           devices: Optional[Sequence[str]] = None, results_dir: Optional[str | Path] = None) -> list:
+                           devices: Optional[Sequence[str]] = None, results_dir: Optional[str | Path] = None,
+                           local: Optional[Callable[[dict], Any]] = None) -> list:
     """Run `work` over one model per device and return the results in the order of `work`.
 
     load_fn(device) loads a model onto `device` ("cuda:0" inside each worker, or "cpu") and returns a function
@@ -259,6 +270,8 @@ def generate_data_parallel(load_fn: Callable[[str], Callable[[dict], Any]], work
     gives the same rows on any device and any number of devices.
     results_dir keeps finished items (shard-*.jsonl, one per worker, keyed by id): a rerun after a kill skips
     them, also with a different number of devices. Without it the results go to a temporary folder.
+    local: item → result for devices[0], run in this process (a model the caller has already loaded there), so
+    that device holds one model, not two; the other devices get spawned workers.
     """
     import tempfile
 
@@ -278,7 +291,7 @@ def generate_data_parallel(load_fn: Callable[[str], Callable[[dict], Any]], work
         if done:
             print_main(f"resuming: {len(work) - len(todo)} of {len(work)} items already done in {folder}")
         if todo:
-            _run_workers(load_fn, todo, devices, folder)
+            _run_workers(load_fn, todo, devices, folder, local)
         done = done_results(folder)
         missing = [i for i in ids if i not in done]
         if missing:
@@ -289,22 +302,61 @@ def generate_data_parallel(load_fn: Callable[[str], Callable[[dict], Any]], work
             tmp.cleanup()
 
 
-def _run_workers(load_fn: Callable, todo: list, devices: list[str], folder: Path) -> None:
+def _run_workers(load_fn: Callable, todo: list, devices: list[str], folder: Path,
+                 local: Optional[Callable] = None) -> None:
     cpu_threads = max(1, (os.cpu_count() or 1) // len(devices))
-    if len(devices) == 1:   # no process to start: same code, this process
+    if len(devices) == 1 and local is None:   # no process to start: same code, this process
         _worker(0, load_fn, todo, devices, str(folder), cpu_threads)
         return
+    busy = min(len(devices), len(todo))   # ranks with work: round-robin gives the first ones an item each
+    first = 0 if local is None else 1
+    ctx = _start(first, busy, load_fn, todo, devices, folder, cpu_threads) if busy > first else None
+    try:
+        if local is not None:   # same code, this process, the caller's model
+            with _threads(devices[0], cpu_threads):
+                # a worker that failed stops this process's share too, not only at the end
+                _serve(0, local, todo, devices, str(folder), ctx and (lambda: ctx.join(timeout=0)))
+        while ctx is not None and not ctx.join():
+            pass
+    except BaseException as e:
+        for p in ctx.processes if ctx is not None else []:
+            if p.is_alive():
+                p.terminate()
+        _reraise(e)
+
+
+def _start(first: int, busy: int, load_fn: Callable, todo: list, devices: list[str], folder: Path,
+           cpu_threads: int):
+    """Spawned workers for ranks first..busy-1."""
     import torch.multiprocessing as mp
 
+    return mp.start_processes(_spawned, args=(first, load_fn, todo, devices, str(folder), cpu_threads),
+                              nprocs=busy - first, join=False, start_method="spawn")
+
+
+@contextlib.contextmanager
+def _threads(device: str, n: int) -> Iterator[None]:
+    """On CPU this process shares the cores with its workers for the duration."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(n)
     try:
-        mp.spawn(_worker, args=(load_fn, todo, devices, str(folder), cpu_threads), nprocs=len(devices),
-                 join=True)
-    except mp.ProcessRaisedException as e:
-        # the worker's own error: a user's mistake stays one line, a bug keeps the worker's traceback
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _reraise(e: BaseException) -> None:
+    """A worker's own error: a user's mistake stays one line, a bug keeps the worker's traceback."""
+    import torch.multiprocessing as mp
+
+    if isinstance(e, mp.ProcessRaisedException):
         first = str(e).strip().splitlines()[-1]
         if any(t.__name__ + ":" in first for t in _user_errors()):
             raise PipelineError(f"a generation worker failed: {first}") from None
-        raise
+    raise e
 
 
 def _user_errors() -> list[type]:
@@ -315,19 +367,27 @@ def _user_errors() -> list[type]:
 
 @dataclass(frozen=True)
 class ModelWorker:
-    """A load_fn for generate_data_parallel: tokenizer + model of `name` under `profile` in each worker, then
-    make_process(tok, model) → (item → result). make_process must be module-level (picklable)."""
+    """A load_fn for generate_data_parallel: tokenizer + model of `name` under `profile` in each worker (with the
+    PEFT adapter in folder `adapter`, if any), then make_process(tok, model) → (item → result). make_process must be
+    module-level (picklable)."""
     name: str
     profile: Any
     make_process: Callable
     role: str = "teacher"
+    adapter: Optional[str] = None
 
     def __call__(self, device: str) -> Callable[[dict], Any]:
+        from .hardware import set_precision
         from .models import load_model, load_tokenizer
 
+        set_precision(self.profile)   # the matmul precision the calling process runs with
         tok = load_tokenizer(self.name)
         # on a GPU the worker sees only its own card, as cuda:0; load_model puts the model there
         model = load_model(self.name, self.profile, role=self.role)
+        if self.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.adapter).eval()
         return self.make_process(tok, model)
 
 

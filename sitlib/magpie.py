@@ -1,6 +1,7 @@
 """Stage 02: Magpie instruction generation — pre-query template → instruction, full template → response."""
 from __future__ import annotations
 
+import functools
 import random
 import re
 import time
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 from .artifacts import append_jsonl, read_jsonl, write_metrics
 from .config import GenerationConfig
 from .generation import BlockFirstTokens, Sampling, chat_input_ids, generate
+from .sharding import Shards
 
 SENTINEL = "\u2063SIT-USER-TURN\u2063"
 SENTINEL_2 = "\u2063SIT-ASSISTANT-TURN\u2063"
@@ -107,10 +109,13 @@ def header_processors(tok, cfg: GenerationConfig) -> list:
 
 
 def draft_instructions(model, tok, cfg: GenerationConfig, ids: list[int], seed: int, processors: list,
-                       teacher: str = "") -> list[dict]:
-    """Pass 1, one `generate` call for every id: the teacher continues the pre-query template."""
+                       teacher: str = "", shards: Optional[Shards] = None) -> list[dict]:
+    """Pass 1, one `generate` call for every id: the teacher continues the pre-query template. With shards
+    (several devices), one call per chunk of ids instead, the chunks spread over the devices."""
     import torch
 
+    if shards is not None and ids:
+        return _drafts_sharded(shards, model, tok, cfg, ids, seed, bool(processors), teacher)
     systems = [system_prompt_for(cfg, row_rng(seed, i)) for i in ids]
     inputs = [tok(pre_query_text(tok, s), add_special_tokens=False)["input_ids"] for s in systems]
     torch.manual_seed(seed + (ids[0] if ids else 0))
@@ -175,12 +180,17 @@ def finish_row(row: dict, samples: list) -> dict:
 SLICE_BATCHES = 4
 
 
-def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int) -> Iterator[list[dict]]:
+def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int,
+                shards: Optional[Shards] = None) -> Iterator[list[dict]]:
     """Pass 2: every answer of every row (a row's samples side by side), handed to `generate` up to
     SLICE_BATCHES × generation.batch_size answers per call; yields the rows whose answers are all done after
-    each call, so they can be written at once."""
+    each call, so they can be written at once. With shards, the chunks of pass 1 spread over the devices: it
+    yields every row once all are done (the shards folder is the checkpoint meanwhile)."""
     import torch
 
+    if shards is not None and rows:
+        yield _answers_sharded(shards, model, tok, cfg, rows, seed)
+        return
     jobs = answer_jobs(rows, cfg)
     inputs = chat_input_ids(tok, [conv for _, conv in jobs])
     need = [0] * len(rows)
@@ -200,6 +210,55 @@ def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int) 
             if len(got[k]) == need[k]:
                 done.append(finish_row(rows[k], got[k]))
         yield done
+
+
+# ---------------------------------------------------------------- both passes over several devices
+
+def teacher_shards(session) -> Optional[Shards]:
+    """One teacher per device when generation.devices names several, finished chunks kept beside the rows for a
+    resume; None on one device: 02 generates in this process, as ever."""
+    from .sharding import plan
+
+    return plan(session, session.config.models.teacher, "teacher",
+                folder=session.paths.data_raw / ".instructions.shards")
+
+
+def work_chunks(ids: list[int], cfg: GenerationConfig) -> list[dict]:
+    """The unit of randomness over several devices: at least one full batch, so each device's pool starts full.
+    Seeded by its first id, a chunk gives the same rows on any device and any number of devices."""
+    from .distributed import chunks
+
+    return chunks(ids, max(cfg.chunk_size, cfg.batch_size))
+
+
+def _draft_process(cfg: GenerationConfig, seed: int, block: bool, teacher: str, tok, model):
+    processors = [BlockFirstTokens.markdown_headers(tok)] if block else []
+    return lambda item: draft_instructions(model, tok, cfg, item["ids"], seed, processors, teacher)
+
+
+def _answer_process(cfg: GenerationConfig, seed: int, tok, model):
+    return lambda item: [r for done in answer_rows(model, tok, cfg, item["rows"], seed) for r in done]
+
+
+def _drafts_sharded(shards: Shards, model, tok, cfg, ids, seed, block, teacher) -> list[dict]:
+    from .sharding import run, settings
+
+    work = work_chunks(ids, cfg)
+    key = {"pass": "drafts", "cfg": settings(cfg), "seed": seed, "block": block, "teacher": teacher, "work": work}
+    out = run(shards, model, tok, functools.partial(_draft_process, cfg, seed, block, teacher), work, key,
+              shards.folder and shards.folder / "drafts")
+    return [r for chunk in out for r in chunk]
+
+
+def _answers_sharded(shards: Shards, model, tok, cfg, rows, seed) -> list[dict]:
+    from .sharding import run, settings
+
+    by_id = {r["id"]: r for r in rows}   # the chunks of pass 1, so each answer chunk seeds as its drafts did
+    work = [{"id": c["id"], "rows": [by_id[i] for i in c["ids"]]} for c in work_chunks(list(by_id), cfg)]
+    key = {"pass": "answers", "cfg": settings(cfg), "seed": seed, "work": work}
+    out = run(shards, model, tok, functools.partial(_answer_process, cfg, seed), work, key,
+              shards.folder and shards.folder / "answers")
+    return [r for chunk in out for r in chunk]
 
 
 # ---------------------------------------------------------------- the stage
@@ -231,11 +290,12 @@ def write_in_chunks(out_path: Path, batches: Iterator[list[dict]], chunk_size: i
 
 
 def run_generation(model, tok, cfg: GenerationConfig, out_path: Path, metrics_path: Path, teacher: str,
-                   full_config=None, seed: int = 42) -> dict:
+                   full_config=None, seed: int = 42, shards: Optional[Shards] = None) -> dict:
     """Fill out_path up to cfg.num_instructions rows (ids 0..n-1), resuming with the ids it lacks.
 
     `generate` gets the whole pending work at generation.batch_size; finished rows are appended atomically
-    every generation.chunk_size rows (the checkpoint), independent of the batch.
+    every generation.chunk_size rows (the checkpoint), independent of the batch. With shards, the pending ids go
+    to the devices in chunks (`work_chunks`).
     """
     out_path = Path(out_path)
     todo = pending_ids(out_path, cfg.num_instructions)
@@ -245,9 +305,9 @@ def run_generation(model, tok, cfg: GenerationConfig, out_path: Path, metrics_pa
     t0 = time.perf_counter()
     run = {"rows": 0, "tokens": 0}
     if todo:
-        rows = add_constraints(draft_instructions(model, tok, cfg, todo, seed, header_processors(tok, cfg), teacher),
-                               cfg, seed)
-        run = write_in_chunks(out_path, answer_rows(model, tok, cfg, rows, seed), cfg.chunk_size,
+        rows = add_constraints(draft_instructions(model, tok, cfg, todo, seed, header_processors(tok, cfg), teacher,
+                                                  shards), cfg, seed)
+        run = write_in_chunks(out_path, answer_rows(model, tok, cfg, rows, seed, shards), cfg.chunk_size,
                               cfg.num_instructions, already)
     metrics = generation_metrics(read_jsonl(out_path), run["rows"], run["tokens"], time.perf_counter() - t0,
                                  teacher, cfg)
@@ -293,7 +353,7 @@ def run_magpie(session, teacher=None) -> dict:
     p = session.paths
     return run_generation(model, tok, session.config.generation, p.data_raw / "instructions.jsonl",
                           p.evaluation_metrics / "generation_metrics.json", session.config.models.teacher,
-                          session.config, session.config.seed)
+                          session.config, session.config.seed, teacher_shards(session))
 
 
 def constrained_example(session) -> list[dict]:

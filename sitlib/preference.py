@@ -7,8 +7,10 @@ the others pair the best-scored finished answer with the worst-scored one. A cut
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
+from typing import Optional
 
 from tqdm.auto import tqdm
 
@@ -16,6 +18,7 @@ from .artifacts import append_jsonl, read_jsonl, write_jsonl, write_metrics
 from .config import PreferenceConfig
 from .errors import BadInputError, ConfigError, MissingInputError
 from .generation import Sampling, chat_input_ids, generate
+from .sharding import Shards
 
 SOURCES = ("teacher", "sft")
 
@@ -109,6 +112,37 @@ def wave_size(cfg: PreferenceConfig) -> int:
     return max(cfg.chunk_size, -(-cfg.batch_size // max(1, len(cfg.temperatures))))
 
 
+def candidate_shards(session) -> Optional[Shards]:
+    """The candidate writer once per device when generation.devices names several (finished waves kept for a
+    resume); None on one device: 04 samples in this process, as ever."""
+    from .sharding import plan
+    from .variants import adapter_dir
+
+    models, folder = session.config.models, session.paths.data_preference / ".candidates.shards"
+    if session.config.preference.candidate_source == "sft":
+        return plan(session, models.student, "student", adapter_dir(session, "sft"), folder)
+    return plan(session, models.teacher, "teacher", folder=folder)
+
+
+def _sample_process(cfg: PreferenceConfig, seed: int, tok, model):
+    from .sharding import plain
+
+    return lambda item: [plain(c) for c in sample_candidates(model, tok, item["items"], cfg, seed + item["id"])]
+
+
+def _sample_sharded(session, tok, model, waves: list[list[dict]], source: str, shards: Shards) -> list[list]:
+    """Every wave's completions, the waves spread over the devices; each seeded as in one process (by its first
+    prompt id), so the candidates equal a one-device run's."""
+    from .sharding import completions, run, settings
+
+    cfg, seed = session.config.preference, session.config.seed
+    work = [{"id": w[0]["id"], "items": w} for w in waves]
+    key = {"cfg": settings(cfg), "seed": seed, "source": source, "model": shards.name, "adapter": shards.adapter,
+           "work": work}
+    out = run(shards, model, tok, functools.partial(_sample_process, cfg, seed), work, key, shards.folder)
+    return [[completions(c) for c in wave] for wave in out]
+
+
 def sample_all(session, tok, model, scorer, items: list[dict], source: str) -> dict:
     """Resumable: candidates for every item not yet in data/preference/candidates.jsonl, appended per wave."""
     cfg, path = session.config.preference, session.paths.data_preference / "candidates.jsonl"
@@ -123,9 +157,12 @@ def sample_all(session, tok, model, scorer, items: list[dict], source: str) -> d
         print(f"resuming: {len(have)} prompts already have candidates in {path}")
     t0, bar = time.perf_counter(), tqdm(total=len(items), initial=len(items) - len(todo), desc="04", unit="prompt")
     step = wave_size(cfg)
-    for start in range(0, len(todo), step):
-        wave = todo[start:start + step]
-        comps = sample_candidates(model, tok, wave, cfg, session.config.seed + wave[0]["id"])
+    waves = [todo[start:start + step] for start in range(0, len(todo), step)]
+    shards = candidate_shards(session) if waves else None
+    sampled = _sample_sharded(session, tok, model, waves, source, shards) if shards else None
+    for k, wave in enumerate(waves):
+        comps = sampled[k] if sampled is not None else \
+            sample_candidates(model, tok, wave, cfg, session.config.seed + wave[0]["id"])
         append_jsonl(path, candidate_records(wave, comps, cfg, source, scorer))
         bar.update(len(wave))
     bar.close()
