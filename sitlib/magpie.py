@@ -216,11 +216,12 @@ def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int,
 
 def teacher_shards(session) -> Optional[Shards]:
     """One teacher per device when generation.devices names several, finished chunks kept beside the rows for a
-    resume; None on one device: 02 generates in this process, as ever."""
+    resume; None when it is 1: 02 generates in this process, one call for all ids, as ever. Any other setting
+    samples by chunks even on one device, so a one-GPU and a several-GPU run give the same rows."""
     from .sharding import plan
 
     return plan(session, session.config.models.teacher, "teacher",
-                folder=session.paths.data_raw / ".instructions.shards")
+                folder=session.paths.data_raw / ".instructions.shards", sampled=True)
 
 
 def work_chunks(ids: list[int], cfg: GenerationConfig) -> list[dict]:

@@ -1,7 +1,8 @@
 """Where a generating stage (02, 04, 07, 08) runs: in this process on one device, or one model per GPU.
 
 `generation.devices` decides: 1 (the default) or "auto" on a machine with one GPU keeps the stage in this
-process, unchanged. Several devices give the stage a `Shards`: its chunks go through
+process, unchanged (02 under "auto" keeps its chunked sampling there too, so its rows do not depend on the
+number of GPUs). Several devices give the stage a `Shards`: its chunks go through
 `distributed.generate_data_parallel`, this process serving the first GPU with the model it already holds and a
 spawned worker loading the same model on each other GPU; results come back in the order of the work.
 """
@@ -73,11 +74,14 @@ class Shards:
 
 
 def plan(session, name: str, role: str = "student", adapter: Optional[Path] = None,
-         folder: Optional[Path] = None) -> Optional[Shards]:
+         folder: Optional[Path] = None, sampled: bool = False) -> Optional[Shards]:
     """The stage's Shards, or None when generation.devices resolves to one device: then the stage generates in
-    this process exactly as it always has (no worker, no spawn)."""
-    devices = resolve_devices(session.config.generation.devices, session.profile.device)
-    if len(devices) < 2:
+    this process exactly as it always has (no worker, no spawn). A `sampled` stage (02) whose setting is not 1
+    gets Shards on one device too: its rows follow the chunks, so "auto" gives the same rows on one GPU as on
+    several (served in this process, nothing spawned)."""
+    setting = session.config.generation.devices
+    devices = resolve_devices(setting, session.profile.device)
+    if len(devices) < 2 and not (sampled and setting != 1):
         return None
     return Shards(tuple(devices), name, session.profile, role, str(adapter) if adapter else None, folder)
 

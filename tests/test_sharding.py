@@ -54,8 +54,10 @@ def test_devices_setting_resolves_and_names_the_key_when_wrong():
 def test_one_device_keeps_the_stage_in_this_process(tiny_model_dir, tmp_path):
     for devices in (1, "auto"):   # "auto" without GPUs is one device
         S = _session(tiny_model_dir, tmp_path, devices)
-        assert magpie.teacher_shards(S) is None and preference.candidate_shards(S) is None
-        assert sharding.for_variant(S, "base") is None
+        assert preference.candidate_shards(S) is None and sharding.for_variant(S, "base") is None
+    assert magpie.teacher_shards(_session(tiny_model_dir, tmp_path, 1)) is None
+    # 02 samples by chunks under any other setting, on one device too (its rows must not depend on the GPU count)
+    assert magpie.teacher_shards(_session(tiny_model_dir, tmp_path, "auto")).devices == ("cpu",)
     S = _session(tiny_model_dir, tmp_path, TWO)
     assert magpie.teacher_shards(S).devices == ("cpu", "cpu") and sharding.for_variant(S, "base").adapter is None
 
@@ -100,9 +102,13 @@ def test_magpie_on_two_devices_gives_the_rows_of_one_and_resumes(tiny, tiny_mode
                   response_max_new_tokens=6, constraint_share=1.0, constraint_samples=2, devices=TWO)
     want = _one_process_magpie(model, tok, cfg, 7, str(tiny_model_dir))
     assert [r["id"] for r in want] == list(range(8)) and len({r["response"] for r in want}) > 1
+    out, metrics = tmp_path / "instructions.jsonl", tmp_path / "metrics.json"
+    one = sharding.Shards(("cpu",), str(tiny_model_dir), PROFILES["cpu"], "teacher", folder=tmp_path / "one")
+    magpie.run_generation(model, tok, cfg, out, metrics, str(tiny_model_dir), seed=7, shards=one)
+    assert _rows(out) == want   # one device, chunked in this process ("auto" on one GPU)
+    out.unlink()
     folder = tmp_path / "shards"
     shards = sharding.Shards(tuple(TWO), str(tiny_model_dir), PROFILES["cpu"], "teacher", folder=folder)
-    out, metrics = tmp_path / "instructions.jsonl", tmp_path / "metrics.json"
     magpie.run_generation(model, tok, cfg, out, metrics, str(tiny_model_dir), seed=7, shards=shards)
     assert _rows(out) == want
     # killed before the rows reached the file, and before the second device finished its answers
