@@ -149,7 +149,8 @@ def write_results(session, done: dict[str, dict], items: list[dict], official: d
     ev, p = session.config.evaluation, session.paths
     results = {"models": {n: d["summary"] for n, d in done.items()}, "suite": SUITE.name,
                "items": [it["id"] for it in items], "max_new_tokens": ev.max_new_tokens, "decoding": "greedy",
-               "profile": session.profile.name, "official_ifeval": official, "lm_eval": lm_eval}
+               "profile": session.profile.name, "official_ifeval": official, "lm_eval": lm_eval,
+               "versus_base": versus_base(done)}
     write_json(p.evaluation_results / "benchmark_results.json", results)
     grouped_bars_marked({n: d["summary"]["per_category"] for n, d in done.items()},
                         p.evaluation_figures / "benchmark_by_category.png",
@@ -167,6 +168,59 @@ def category_table(done: dict[str, dict]):
     overall = {n: d["summary"]["prompt_level_accuracy"] for n, d in done.items()}
     table.loc["all (prompt level)"] = {"items": int(counts.sum()), **overall}
     return table
+
+
+def sign_test_p(won: int, lost: int) -> float:
+    """Two-sided exact sign test on the items two variants disagree on: how likely a split at least this uneven
+    is when neither variant is better (ties, the items both pass or both fail, carry no information)."""
+    from math import comb
+
+    n, k = won + lost, min(won, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def versus_base(done: dict[str, dict], base: str = "base") -> list[dict]:
+    """Each variant against `base` on the same items: points gained, items won and lost, the sign test's p, the
+    categories where it lost most, and how its answers changed (EOS stops, length): the measured part of *why* a
+    variant scores below the base."""
+    if base not in done:
+        return []
+    ref = {r["prompt_id"]: r for r in done[base]["rows"]}
+    out = []
+    for name, d in done.items():
+        if name == base:
+            continue
+        net, won, lost = defaultdict(int), 0, 0
+        for r in d["rows"]:
+            b = ref[r["prompt_id"]]
+            if r["passed"] != b["passed"]:
+                won, lost = won + r["passed"], lost + b["passed"]
+                net[r["category"]] += 1 if r["passed"] else -1
+        s, sb = d["summary"], done[base]["summary"]
+        out.append({"variant": name, "points": round(100 * (s["prompt_level_accuracy"] - sb["prompt_level_accuracy"]), 1),
+                    "won": won, "lost": lost, "sign_test_p": round(sign_test_p(won, lost), 4),
+                    "lost_most": [f"{c} ({v})" for c, v in sorted(net.items(), key=lambda x: x[1]) if v < 0][:3],
+                    "eos_stop_rate": (sb["eos_stop_rate"], s["eos_stop_rate"]),
+                    "mean_output_tokens": (sb["mean_output_tokens"], s["mean_output_tokens"])})
+    return out
+
+
+def below_base_notes(comparisons: list[dict], alpha: float = 0.05) -> list[str]:
+    """One sentence per variant below the base, from versus_base's numbers."""
+    notes = []
+    for c in comparisons:
+        if c["points"] >= 0:
+            continue
+        chance = ("within what chance gives on these items" if c["sign_test_p"] >= alpha
+                  else "more than chance explains")
+        notes.append(f"{c['variant']}: {c['points']:+.1f} points against base — {c['lost']} items lost, {c['won']} won "
+                     f"(sign test p = {c['sign_test_p']:.2f}: {chance}); lost most in "
+                     f"{', '.join(c['lost_most']) or 'no category'}; EOS stops {c['eos_stop_rate'][0]:.2f} → "
+                     f"{c['eos_stop_rate'][1]:.2f}, mean answer {c['mean_output_tokens'][0]:.0f} → "
+                     f"{c['mean_output_tokens'][1]:.0f} tokens")
+    return notes
 
 
 # ---------------------------------------------------------------- IFEval's own prompts (needs the Hub)

@@ -69,6 +69,30 @@ def test_accuracies_are_exact_means_of_rows():
     assert s["per_category"] == {"a": 0.5, "b": 1.0} and s["per_instruction"] == {"x": 1.0, "y": 0.0}
 
 
+def _variant(passed: list[bool], cats: str, tokens: int) -> dict:
+    rows = [{"prompt_id": f"i{k}", "category": c, "checks": [{"type": "x", "passed": p}], "passed": p,
+             "stopped_on_eos": True, "output_tokens": tokens} for k, (p, c) in enumerate(zip(passed, cats))]
+    return {"rows": rows, "summary": benchmark.summarise(rows)}
+
+
+def test_a_variant_below_base_is_explained_by_paired_counts():
+    assert benchmark.sign_test_p(0, 5) == 0.0625 and benchmark.sign_test_p(3, 3) == 1.0   # 2 · (1/2)^5
+    assert abs(benchmark.sign_test_p(1, 9) - 2 * 11 / 1024) < 1e-12                       # 2 · (C(10,0) + C(10,1)) / 2^10
+    T, F = True, False
+    done = {"base": _variant([T, T, T, F, F, T], "aabbcc", 40),
+            "sft": _variant([F, F, T, T, F, T], "aabbcc", 90),     # loses both a items, wins one b
+            "dpo": _variant([T, T, T, T, T, T], "aabbcc", 40)}
+    sft, dpo = benchmark.versus_base(done)
+    assert (sft["variant"], sft["won"], sft["lost"], sft["points"]) == ("sft", 1, 2, -16.7)
+    assert sft["sign_test_p"] == 1.0 and sft["lost_most"] == ["a (-2)"]
+    assert sft["mean_output_tokens"] == (40.0, 90.0)
+    assert (dpo["won"], dpo["lost"], dpo["points"]) == (2, 0, 33.3)
+    (note,) = benchmark.below_base_notes([sft, dpo])     # only the variant below base gets a sentence
+    assert note.startswith("sft: -16.7 points against base — 2 items lost, 1 won") and "within what chance" in note
+    assert "a (-2)" in note and "40 → 90 tokens" in note
+    assert benchmark.versus_base({"sft": done["sft"]}) == []   # no base evaluated: nothing to compare
+
+
 def test_official_ifeval_scores_count_an_empty_answer_as_failed_instructions():
     from if_verifiable import IFEvalSample
 
