@@ -377,10 +377,12 @@ class ModelWorker:
     adapter: Optional[str] = None
 
     def __call__(self, device: str) -> Callable[[dict], Any]:
-        from .hardware import set_precision
+        from .hardware import apply_memory_limit, detect, set_precision
         from .models import load_model, load_tokenizer
 
         set_precision(self.profile)   # the matmul precision the calling process runs with
+        if device.startswith("cuda"):   # SIT_EMULATE_GPU_GB caps each worker's card as sitlib.setup caps the first
+            apply_memory_limit(detect())
         tok = load_tokenizer(self.name)
         # on a GPU the worker sees only its own card, as cuda:0; load_model puts the model there
         model = load_model(self.name, self.profile, role=self.role)
