@@ -186,4 +186,6 @@ def test_committed_memory_measurements_cover_every_profile_as_configured():
         assert (s["generation_batch"], s["preference_batch"], s["evaluation_batch"], s["max_seq_length"]) == (
             cfg.generation.batch_size, cfg.preference.batch_size, cfg.evaluation.batch_size,
             cfg.models.max_seq_length), name
-    assert [r["profile"] for r in hardware.stage_costs("dpo")] == list(hardware.GPU_CARDS_GB)
+    # one memory measurement per profile (a timed series run adds rows with seconds, not peaks)
+    peaks = [r["profile"] for r in hardware.stage_costs("dpo") if r["peak_gb"] is not None]
+    assert peaks == list(hardware.GPU_CARDS_GB)
