@@ -78,7 +78,7 @@ def quality(output_dir: str | Path, stage_seconds: dict | None = None) -> dict:
         "counts": {
             "instructions_generated": get("generation", "rows_total"),
             "constrained_instructions": get("generation", "constrained_rows"),
-            "kept_after_filter": get("filter", "kept"),
+            "kept_after_filter": get("filter", "kept"), "constrained_kept": get("filter", "constrained_kept"),
             "sft_train_rows": get("filter", "sft_train"), "sft_val_rows": get("filter", "sft_val"),
             "preference_prompts": get("preference", "prompts"), "preference_pairs": get("preference", "pairs"),
             "dpo_train_pairs": get("preference", "dpo_train"), "dpo_val_pairs": get("preference", "dpo_val"),
@@ -86,10 +86,21 @@ def quality(output_dir: str | Path, stage_seconds: dict | None = None) -> dict:
             "dpo_steps": get("dpo", "steps"), "benchmark_items": len(get("benchmark", "items")),
         },
         "models": {v: {k: bench[v][k] for k in SUMMARY_KEYS} for v in VARIANTS},
+        "versus_base": versus_base(OutputTree(Path(output_dir))),
         # TRL's eval rewards/accuracies; finish_training leaves it out when the evaluation logged none
         "dpo_eval_reward_accuracy": data["dpo"].get("eval_reward_accuracy"),
         "stage_seconds": stage_seconds,
     }
+
+
+def versus_base(tree: OutputTree) -> list[dict]:
+    """07's comparison of each variant with the base (won/lost items, sign test), from its per-variant files."""
+    from sitlib import benchmark   # imports the checkers: only where a record is written
+
+    done = {v: read_json(tree.evaluation_results / "benchmark" / f"{v}.json", produced_by="07_benchmark_evaluation")
+            for v in VARIANTS}
+    return [{k: c[k] for k in ("variant", "points", "won", "lost", "sign_test_p")}
+            for c in benchmark.versus_base(done)]
 
 
 def fingerprints_in_kernels() -> None:

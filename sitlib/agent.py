@@ -363,7 +363,8 @@ def _episodes_process(max_turns: int, max_new_tokens: int, batch_size: int, tok,
 
 def transcripts(session, name: str, model, tok, episodes: list[dict]) -> list[dict]:
     """Every episode played by variant `name`: in this process, or the episodes split over the devices that
-    generation.devices names (greedy turns, so a transcript does not depend on the split)."""
+    generation.devices names (greedy turns, so the split changes no transcript, up to floating-point kernels that
+    depend on the batch: a near tie can go either way)."""
     from .sharding import for_variant, run, split
 
     ev = session.config.evaluation

@@ -98,7 +98,8 @@ def finished(session, name: str, key: dict, kind: str = "benchmark") -> Optional
 
 def answers(session, name: str, model, tok, prompts: list[str], desc: str) -> list:
     """Greedy answers of variant `name` to each prompt: in this process, or split over the devices that
-    generation.devices names (greedy, so the answers do not depend on the split)."""
+    generation.devices names (greedy, so the split changes no answer, up to floating-point kernels that depend
+    on the batch: a near tie can go either way)."""
     from .generation import Sampling, chat_input_ids, generate
     from .sharding import for_variant, generate_greedy
 
@@ -199,7 +200,8 @@ def versus_base(done: dict[str, dict], base: str = "base") -> list[dict]:
                 won, lost = won + r["passed"], lost + b["passed"]
                 net[r["category"]] += 1 if r["passed"] else -1
         s, sb = d["summary"], done[base]["summary"]
-        out.append({"variant": name, "points": round(100 * (s["prompt_level_accuracy"] - sb["prompt_level_accuracy"]), 1),
+        # from the counts, not the rounded accuracies: the items are the same, so the gap is (won - lost) / n
+        out.append({"variant": name, "points": round(100 * (won - lost) / len(d["rows"]), 1),
                     "won": won, "lost": lost, "sign_test_p": round(sign_test_p(won, lost), 4),
                     "lost_most": [f"{c} ({v})" for c, v in sorted(net.items(), key=lambda x: x[1]) if v < 0][:3],
                     "eos_stop_rate": (sb["eos_stop_rate"], s["eos_stop_rate"]),
@@ -216,7 +218,7 @@ def below_base_notes(comparisons: list[dict], alpha: float = 0.05) -> list[str]:
         chance = ("within what chance gives on these items" if c["sign_test_p"] >= alpha
                   else "more than chance explains")
         notes.append(f"{c['variant']}: {c['points']:+.1f} points against base — {c['lost']} items lost, {c['won']} won "
-                     f"(sign test p = {c['sign_test_p']:.2f}: {chance}); lost most in "
+                     f"(sign test p = {c['sign_test_p']:.3f}: {chance}); lost most in "
                      f"{', '.join(c['lost_most']) or 'no category'}; EOS stops {c['eos_stop_rate'][0]:.2f} → "
                      f"{c['eos_stop_rate'][1]:.2f}, mean answer {c['mean_output_tokens'][0]:.0f} → "
                      f"{c['mean_output_tokens'][1]:.0f} tokens")

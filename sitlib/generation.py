@@ -485,6 +485,13 @@ def soft_prompt_inputs(model, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     position ids, so left padding would shift the prompt's positions. The base model's generate, given the
     embeddings, keeps the cache and takes positions from the mask (virtual tokens 0..n-1, then the prompt,
     as in training), so a batch decodes as each prompt would alone."""
+    from peft import PeftType
+
+    kind = model.active_peft_config.peft_type
+    if kind not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):   # prefix tuning's "prompt" is a KV cache
+        from .errors import ConfigError
+
+        raise ConfigError(f"generation of a {kind.value} model is not supported: only soft prompts (prompt tuning)")
     base = model.get_base_model()
     embeds = base.get_input_embeddings()(ids)
     soft = model.get_prompt(batch_size=ids.shape[0]).to(embeds.dtype)

@@ -45,6 +45,10 @@ def resolve_devices(value: Any, profile_device: str, visible: Optional[int] = No
         devices = [_checked(d, profile_device, visible) for d in value]
         if profile_device == "cuda" and len(set(devices)) < len(devices):
             raise ConfigError(f"config key '{KEY}': {value!r} names a GPU twice (one model per GPU)")
+        if devices[:1] != ["cuda:0"] and profile_device == "cuda" and len(devices) == 1:
+            # one device is served in this process, with the model the notebook loaded on cuda:0
+            raise ConfigError(f"config key '{KEY}': {value!r}: one GPU is the notebook's own, cuda:0 (to use another "
+                              "card, set CUDA_VISIBLE_DEVICES before starting the notebook)")
         return devices
     raise ConfigError(f"config key '{KEY}': {value!r} (allowed: 'auto', a number of devices ≥ 1, or a list such "
                       "as ['cuda:0', 'cuda:1'])")

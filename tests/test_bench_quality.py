@@ -46,9 +46,8 @@ def run_tree(tmp_path):
     for stage, steps in (("sft", 113), ("prompt_tuning", 113), ("dpo", 29)):
         extra = {"eval_reward_accuracy": 0.75} if stage == "dpo" else {}
         write_json(tree.evaluation_metrics / f"{stage}_metrics.json", {"steps": steps, "profile": "h100", **extra})
-    done = {v: {"rows": r, "summary": benchmark.summarise(r)}   # as 07 holds them (save_variant)
-            for i, v in enumerate(("base", "sft", "prompt_tuning", "dpo"))
-            for r in [rows(v, [True, i % 2 == 0, False])]}
+    done = {v: benchmark.save_variant(session, v, {}, rows(v, [True, i % 2 == 0, False]))
+            for i, v in enumerate(("base", "sft", "prompt_tuning", "dpo"))}
     benchmark.write_results(session, done, [{"id": f"p{i}"} for i in range(3)], {}, {})
     return tree.root
 
@@ -61,10 +60,14 @@ def test_quality_reads_the_writers_files(run_tree):
                                    "n_prompts": 3}
     assert q["models"]["sft"]["prompt_level_accuracy"] == 0.3333
     assert q["counts"] == {"instructions_generated": 1500, "constrained_instructions": 450, "kept_after_filter": 10,
+                           "constrained_kept": 0,
                            "sft_train_rows": 9, "sft_val_rows": 1, "preference_prompts": 600,
                            "preference_pairs": 500, "dpo_train_pairs": 450, "dpo_val_pairs": 50, "sft_steps": 113,
                            "prompt_tuning_steps": 113, "dpo_steps": 29, "benchmark_items": 3}
     assert q["dpo_eval_reward_accuracy"] == 0.75
+    # base passes p0, p1; sft passes p0 only (one item lost); prompt_tuning as base; dpo as sft
+    assert [(c["variant"], c["won"], c["lost"], c["points"]) for c in q["versus_base"]] == [
+        ("sft", 0, 1, -33.3), ("prompt_tuning", 0, 0, 0.0), ("dpo", 0, 1, -33.3)]
 
 
 def test_missing_file_names_the_notebook(run_tree):

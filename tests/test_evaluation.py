@@ -88,7 +88,7 @@ def test_a_variant_below_base_is_explained_by_paired_counts():
     assert sft["mean_output_tokens"] == (40.0, 90.0)
     assert (dpo["won"], dpo["lost"], dpo["points"]) == (2, 0, 33.3)
     (note,) = benchmark.below_base_notes([sft, dpo])     # only the variant below base gets a sentence
-    assert note.startswith("sft: -16.7 points against base — 2 items lost, 1 won") and "within what chance" in note
+    assert note.startswith("sft: -16.7 points against base — 2 items lost, 1 won") and "p = 1.000: within what chance" in note
     assert "a (-2)" in note and "40 → 90 tokens" in note
     assert benchmark.versus_base({"sft": done["sft"]}) == []   # no base evaluated: nothing to compare
 

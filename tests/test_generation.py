@@ -163,6 +163,20 @@ def test_prompt_tuning_falls_back_to_generate(lm):
     pt.unload() if hasattr(pt, "unload") else None
 
 
+def test_prefix_tuning_is_refused_in_one_line(lm):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from sitlib.errors import ConfigError
+
+    model, tok = lm
+    pt = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    try:
+        with pytest.raises(ConfigError, match="PREFIX_TUNING model is not supported"):
+            G.generate(pt, tok, _prompts(2), G.Sampling.greedy(3), batch_size=2)
+    finally:
+        pt.unload() if hasattr(pt, "unload") else None
+
+
 def test_window_shift_keeps_outputs(lm, monkeypatch):
     """Rows with different limits finish at different steps, so waiting prompts join mid-flight and the live
     window slides right; with buffers only as wide as the longest row it is moved back to the left edge many

@@ -41,6 +41,7 @@ def test_devices_setting_resolves_and_names_the_key_when_wrong():
     assert r(["cuda:1", "cuda:3"], "cuda", visible=4) == ["cuda:1", "cuda:3"]
     for value, profile, message in [(3, "cuda", "3 GPUs asked for, 2 visible"), (["cuda:2"], "cuda", "not visible"),
                                     (["cuda:0", "cuda:0"], "cuda", "names a GPU twice"),
+                                    (["cuda:1"], "cuda", "one GPU is the notebook's own, cuda:0"),
                                     (["cuda:0"], "cpu", "not a device of the cpu profile"),
                                     (["gpu0"], "cuda", "not a device of the cuda profile"), ("all", "cuda", "allowed")]:
         with pytest.raises(ConfigError, match=f"config key 'generation.devices': .*{message}"):
