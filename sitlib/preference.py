@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import random
 import time
+from pathlib import Path
 from typing import Optional
 
 from tqdm.auto import tqdm
@@ -134,10 +135,13 @@ def _sample_sharded(session, tok, model, waves: list[list[dict]], source: str, s
     """Every wave's completions, the waves spread over the devices; each seeded as in one process (by its first
     prompt id), so the candidates equal a one-device run's."""
     from .sharding import completions, run, settings
+    from .training import adapter_digest
 
     cfg, seed = session.config.preference, session.config.seed
     work = [{"id": w[0]["id"], "items": w} for w in waves]
-    key = {"cfg": settings(cfg), "seed": seed, "source": source, "model": shards.name, "adapter": shards.adapter,
+    # the SFT adapter by content: a retrained one must not reuse the old adapter's finished waves
+    adapter = shards.adapter and adapter_digest(Path(shards.adapter))
+    key = {"cfg": settings(cfg), "seed": seed, "source": source, "model": shards.name, "adapter": adapter,
            "work": work}
     out = run(shards, model, tok, functools.partial(_sample_process, cfg, seed), work, key, shards.folder)
     return [[completions(c) for c in wave] for wave in out]

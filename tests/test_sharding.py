@@ -150,6 +150,28 @@ def test_preference_on_two_devices_gives_the_candidates_of_one_and_resumes(tiny,
     assert _candidates(S, tok, model, items) == one
 
 
+def test_retrained_sft_adapter_does_not_reuse_finished_waves(tiny, tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tok, model = tiny
+    S = _session(tiny_model_dir, tmp_path, TWO, **{"preference.temperatures": [0.7], "preference.max_new_tokens": 4})
+    adapter = tmp_path / "sft"
+    lora = get_peft_model(load_model(str(tiny_model_dir), PROFILES["cpu"]), LoraConfig(r=2, target_modules="all-linear"))
+    lora.save_pretrained(adapter)
+    shards = sharding.Shards(tuple(TWO), str(tiny_model_dir), PROFILES["cpu"], "student", str(adapter),
+                             tmp_path / "waves")
+    waves = [[{"id": 0, "prompt": "Name a colour."}]]   # one wave: served in this process, nothing spawned
+    preference._sample_sharded(S, tok, model, waves, "sft", shards)
+    stamp = (tmp_path / "waves" / "key.txt").read_text()
+    preference._sample_sharded(S, tok, model, waves, "sft", shards)
+    assert (tmp_path / "waves" / "key.txt").read_text() == stamp           # same adapter: resumed
+    with torch.no_grad():                                                  # retrained: same path, new weights
+        next(p for n, p in lora.named_parameters() if "lora_B" in n).add_(1.0)
+    lora.save_pretrained(adapter)
+    preference._sample_sharded(S, tok, model, waves, "sft", shards)
+    assert (tmp_path / "waves" / "key.txt").read_text() != stamp
+
+
 # ---------------------------------------------------------------- 07 benchmark, 08 agent (greedy)
 
 def test_benchmark_on_two_devices_gives_the_rows_of_one(tiny, tiny_model_dir, tmp_path):
