@@ -142,6 +142,8 @@ class _PoolLayer:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.k, self.v = keys, values
         self.rows = self.start = self.end = 0
+        self.col: Optional[torch.Tensor] = None   # static decode: the column to write, on the device
+        self.width = 0
 
     @property
     def keys(self) -> torch.Tensor:
@@ -152,6 +154,11 @@ class _PoolLayer:
         return self.v[:self.rows, :, self.start:self.end]
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.col is not None:   # static decode: shapes fixed by (rows, width), the column read from the device
+            k, v = self.k[:self.rows], self.v[:self.rows]
+            k.index_copy_(2, self.col, key_states)
+            v.index_copy_(2, self.col, value_states)
+            return k[:, :, :self.width], v[:, :, :self.width]
         n = key_states.shape[2]
         self.k[:self.rows, :, self.end:self.end + n] = key_states
         self.v[:self.rows, :, self.end:self.end + n] = value_states
@@ -192,23 +199,33 @@ def pool_supported(model) -> bool:
 def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, sample: torch.Tensor,
             any_sample: Optional[bool] = None, any_top_p: Optional[bool] = None):
     """Next token per row: argmax where `sample` is False, else temperature + nucleus (top-p) sampling.
-    `any_sample` / `any_top_p`, when the caller knows them, spare a device-to-host sync each."""
+    `any_sample` / `any_top_p`, when the caller knows them, spare a device-to-host sync each.
+
+    Sampling is Gumbel-max (argmax of logits + Gumbel noise draws token i with probability softmax(logits)_i), and
+    top-p samples in sorted order: no scatter back over the vocabulary, no second softmax, no multinomial. At 256
+    rows of a 128k vocabulary that was most of a step's sampling time."""
     greedy = scores.argmax(dim=-1)
     if not (bool(sample.any()) if any_sample is None else any_sample):
         return greedy
     logits = scores / temperature.unsqueeze(1)
     if bool((top_p < 1).any()) if any_top_p is None else any_top_p:
         # as transformers' TopPLogitsWarper: drop the tail whose mass before it already exceeds top_p
-        srt, idx = logits.sort(dim=-1, descending=True)
-        probs = srt.softmax(dim=-1)
+        logits, idx = logits.sort(dim=-1, descending=True)
+        probs = logits.softmax(dim=-1)
         drop = (probs.cumsum(dim=-1) - probs) > top_p.unsqueeze(1)
         drop[:, 0] = False
-        logits = logits.scatter(1, idx, srt.masked_fill(drop, float("-inf")))
-    picked = torch.multinomial(logits.softmax(dim=-1), 1).squeeze(1)
+        pos = (logits - torch.empty_like(logits).exponential_().log()).masked_fill(drop, float("-inf")).argmax(-1)
+        picked = idx.gather(1, pos.unsqueeze(1)).squeeze(1)
+    else:
+        picked = (logits - torch.empty_like(logits).exponential_().log()).argmax(dim=-1)
     return torch.where(sample, picked, greedy)
 
 
 # ---------------------------------------------------------------- the pool
+
+# The pool's decode: None = static shapes + CUDA graphs on CUDA, the live window eagerly elsewhere; True/False
+# force the static or the eager step (the static step runs on CPU too, without graphs: tests use it).
+STATIC_DECODE: Optional[bool] = None
 
 _META = (("pos", torch.long), ("n", torch.long), ("limit", torch.long), ("temp", torch.float32),
          ("top_p", torch.float32), ("sample", torch.bool), ("last", torch.long), ("gen_col", torch.long))
@@ -219,7 +236,7 @@ class _Pool:
     window, per-row sampling settings. A finished row's slot is refilled by moving the last row into it."""
 
     def __init__(self, model, tok, stop: list[int], max_rows: int, cols: int, processors,
-                 settings: Sequence[Sampling] = ()):
+                 settings: Sequence[Sampling] = (), static: Optional[bool] = None):
         self.model, self.processors = model, processors or []
         # known for the whole call: no device sync per step to ask whether any row samples or cuts its tail
         self.any_sample = any(s.do_sample for s in settings) if settings else None
@@ -236,6 +253,13 @@ class _Pool:
         self.meta = {k: torch.zeros(max_rows, dtype=t, device=self.device) for k, t in _META}
         self.index: list[int] = []          # input index per row
         self.out: list[list[int]] = []      # tokens picked per row (host side)
+        # static decode (default on CUDA): every step runs at a bucketed (rows, width), so it can be replayed as a
+        # CUDA graph, one launch instead of ~1,000 kernel launches per step
+        static = STATIC_DECODE if static is None else static
+        self.static = (self.device.type == "cuda") if static is None else static
+        self.col = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graph_pool = None
 
     def __len__(self) -> int:
         return self.size
@@ -307,20 +331,68 @@ class _Pool:
         col = self.end
         self.ids[live, col] = self.meta["last"][live]
         self.mask[live, col] = 1
-        for layer in self.layers:
-            layer.rows, layer.start, layer.end = self.size, self.start, self.end
         if self.cache is None:   # a transformers Cache over the pool's layers, built once (~1 ms each time)
             from transformers import DynamicCache
 
             self.cache = DynamicCache(config=self.model.config)
             self.cache.layers = self.layers
-        out = self.model(input_ids=self.meta["last"][live].unsqueeze(1),
-                         attention_mask=self.mask[live, self.start:col + 1],
-                         position_ids=self.meta["pos"][live].unsqueeze(1), past_key_values=self.cache, use_cache=True)
+        if self.static:
+            logits = self._static_step(col)[:self.size]
+        else:
+            for layer in self.layers:
+                layer.rows, layer.start, layer.end = self.size, self.start, self.end
+            out = self.model(input_ids=self.meta["last"][live].unsqueeze(1),
+                             attention_mask=self.mask[live, self.start:col + 1],
+                             position_ids=self.meta["pos"][live].unsqueeze(1), past_key_values=self.cache,
+                             use_cache=True)
+            logits = out.logits[:, -1]
         self.end = col + 1
         self.meta["pos"][live] += 1
         self.meta["n"][live] += 1
-        self.meta["last"][live] = self._pick(out.logits[:, -1], self.ids[live, self.start:self.end], live)
+        self.meta["last"][live] = self._pick(logits, self.ids[live, self.start:self.end], live)
+
+    # ------------------------------------------------------------ static decode and its CUDA graphs
+
+    def _bucket(self, col: int) -> tuple[int, int]:
+        """(rows, width) of a static step: rows rounded up to an eighth of the pool, columns [0, width) rounded
+        up to a quarter of the buffers; at most 32 shapes, so at most 32 graphs per call."""
+        rows_step = max(8, -(-self.max_rows // 8))
+        cols_step = max(32, -(-self.cols // 4))
+        rows = min(self.max_rows, -(-self.size // rows_step) * rows_step)
+        return rows, min(self.cols, -(-(col + 1) // cols_step) * cols_step)
+
+    def _static_forward(self, rows: int, width: int) -> torch.Tensor:
+        """The decode forward at a fixed shape: rows [0, rows) (rows past the live ones are idle slots, their
+        outputs unused) attend columns [0, width) through a 4-D mask; K/V are written at column `self.col`.
+        Every row also sees its own new column, so an idle slot never has an all-masked (NaN) row."""
+        for layer in self.layers:
+            layer.rows, layer.width, layer.col = rows, width, self.col
+        attend = self.mask[:rows, :width].bool().index_fill(1, self.col, True)
+        out = self.model(input_ids=self.meta["last"][:rows].unsqueeze(1), attention_mask=attend[:, None, None, :],
+                         position_ids=self.meta["pos"][:rows].unsqueeze(1), past_key_values=self.cache,
+                         use_cache=True)
+        return out.logits[:, -1]
+
+    def _static_step(self, col: int) -> torch.Tensor:
+        """Logits of one static step: on CUDA a captured graph per shape (the first step at a shape runs eagerly,
+        which also warms it up for the capture), elsewhere the same forward eagerly."""
+        self.col.fill_(col)
+        rows, width = self._bucket(col)
+        if self.device.type != "cuda":
+            return self._static_forward(rows, width)
+        graph = self.graphs.get((rows, width))
+        if graph is not None:
+            graph[0].replay()
+            return graph[1]
+        logits = self._static_forward(rows, width)
+        with torch.cuda.device(self.device):   # capture on the model's GPU (a worker's may not be the current one)
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()   # one memory pool: graphs replay one at a time
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.graph_pool):
+                out = self._static_forward(rows, width)
+        self.graphs[(rows, width)] = (g, out)
+        return logits
 
     def harvest(self) -> list[int]:
         """Append every row's last pick to its tokens; return the rows that stop (a stop token, or their limit).
