@@ -84,7 +84,7 @@ def main() -> None:
     # what sampling alone costs per step at these rows (top-p sorts the whole vocabulary)
     scores = torch.randn(n, vocab, device="cuda")
     ones = torch.ones(n, device="cuda")
-    pick = lambda: [G._choose(scores, ones, ones * 0.95, ones.bool(), True, True) for _ in range(a.new)]
+    pick = lambda: [G._choose(scores, ones, ones * 0.95, ones.bool(), True, True, torch.bfloat16) for _ in range(a.new)]
     print("top_p_choose_only", "ms/step", per_step_ms(pick, a.new), flush=True)
     # greedy rows: graphs (bucketed shapes) against the eager window and against transformers' generate
     eager, graphs = cases["pool_eager_greedy"](), cases["pool_graphs_greedy"]()

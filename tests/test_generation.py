@@ -222,14 +222,22 @@ def test_static_step_buckets_rows_and_columns(lm, monkeypatch):
         assert (alone.text, alone.n_tokens, alone.ended) == (c.text, c.n_tokens, c.ended)
 
 
-@pytest.mark.parametrize("top_p, expected", [(1.0, [0.5, 0.3, 0.15, 0.05]), (0.7, [0.625, 0.375, 0.0, 0.0])])
-def test_sampling_follows_the_distribution(top_p, expected):
+@pytest.mark.parametrize("key_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("top_p, expected", [(1.0, [0.5, 0.3, 0.15, 0.05]), (0.7, [0.625, 0.375, 0.0, 0.0]),
+                                             (0.9, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0])])
+def test_sampling_follows_the_distribution(top_p, expected, key_dtype):
     """Draws follow softmax(scores) renormalised over the nucleus: 20,000 rows at once, each frequency within
-    0.015 of its probability (about 4.5 standard errors at p = 0.5)."""
+    0.015 of its probability (about 4.5 standard errors at p = 0.5); the vocabulary shuffled per row, so the
+    sorted order must map back to the right ids; with 16-bit sort keys (the model's dtype) as well."""
     n = 20_000
-    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(n, 1)
+    base = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(3)
+    perm = torch.stack([torch.randperm(4, generator=g) for _ in range(n)])
+    scores = base[perm]   # column j of row r scores as probability index perm[r, j]
     torch.manual_seed(1)
-    picks = G._choose(scores, torch.ones(n), torch.full((n,), top_p), torch.ones(n, dtype=torch.bool))
+    cols = G._choose(scores, torch.ones(n), torch.full((n,), top_p), torch.ones(n, dtype=torch.bool),
+                     key_dtype=key_dtype)
+    picks = perm.gather(1, cols.unsqueeze(1)).squeeze(1)   # which probability each drawn column had
     freq = torch.bincount(picks, minlength=4).float() / n
     assert torch.allclose(freq, torch.tensor(expected), atol=0.015), freq.tolist()
 
