@@ -175,6 +175,19 @@ class _PoolLayer:
         return -1
 
 
+def quantized(model) -> bool:
+    """bitsandbytes 4-/8-bit weights: their kernels were never measured under CUDA graphs, so such models keep the
+    eager decode step (the T4 and L4 profiles' teacher)."""
+    config = getattr(model, "config", None)
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(config, "quantization_config", None) is not None)
+
+
+def static_by_default(model, device: torch.device) -> bool:
+    """The pool's default decode: static shapes replayed as CUDA graphs on CUDA, except for quantized weights."""
+    return device.type == "cuda" and not quantized(model)
+
+
 def is_prompt_learning(model) -> bool:
     """A PEFT prompt-learning model (prompt tuning): virtual tokens in front of every input."""
     return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
@@ -227,8 +240,9 @@ def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
 
 # ---------------------------------------------------------------- the pool
 
-# The pool's decode: None = static shapes + CUDA graphs on CUDA, the live window eagerly elsewhere; True/False
-# force the static or the eager step (the static step runs on CPU too, without graphs: tests use it).
+# The pool's decode: None = static shapes + CUDA graphs on CUDA (bitsandbytes-quantized models excepted), the live
+# window eagerly elsewhere; True/False force the static or the eager step (on CPU the static step runs without
+# graphs: tests use it).
 STATIC_DECODE: Optional[bool] = None
 
 _META = (("pos", torch.long), ("n", torch.long), ("limit", torch.long), ("temp", torch.float32),
@@ -260,7 +274,7 @@ class _Pool:
         # static decode (default on CUDA): every step runs at a bucketed (rows, width), so it can be replayed as a
         # CUDA graph, one launch instead of ~1,000 kernel launches per step
         static = STATIC_DECODE if static is None else static
-        self.static = (self.device.type == "cuda") if static is None else static
+        self.static = static_by_default(model, self.device) if static is None else static
         self.col = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.graph_pool = None

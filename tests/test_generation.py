@@ -275,3 +275,15 @@ def test_cuda_graphs_equal_the_eager_window(lm, lora):
         finally:
             G.STATIC_DECODE = None
     assert [(c.text, c.n_tokens) for c in runs[True]] == [(c.text, c.n_tokens) for c in runs[False]]
+
+
+def test_quantized_models_keep_the_eager_step(lm, monkeypatch):
+    """bitsandbytes-quantized weights were never measured under CUDA graphs: on CUDA they keep the eager step,
+    other models get the static (graph) step; on CPU every model decodes eagerly unless forced."""
+    model, tok = lm
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert G.static_by_default(model, cuda) and not G.static_by_default(model, cpu)
+    monkeypatch.setattr(model.config, "quantization_config", {"load_in_4bit": True}, raising=False)
+    assert G.quantized(model) and not G.static_by_default(model, cuda)
+    monkeypatch.setattr(G, "STATIC_DECODE", True)   # forcing it still works
+    assert G._Pool(model, tok, [tok.eos_token_id], 2, 8, None).static is True
