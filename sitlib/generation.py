@@ -9,6 +9,7 @@ hybrid caches) go through `generate` of transformers in length-sorted batches, w
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -183,9 +184,15 @@ def quantized(model) -> bool:
                 or getattr(config, "quantization_config", None) is not None)
 
 
+# attention implementations that add a 4-D float mask to the scores (sit_varlen hands masked calls to SDPA)
+STATIC_ATTENTION = ("sdpa", "eager", "sit_varlen")
+
+
 def static_by_default(model, device: torch.device) -> bool:
-    """The pool's default decode: static shapes replayed as CUDA graphs on CUDA, except for quantized weights."""
-    return device.type == "cuda" and not quantized(model)
+    """The pool's default decode: static shapes replayed as CUDA graphs on CUDA, except for quantized weights and
+    attention that does not take an additive 4-D mask (flash-attention kernels, flex attention)."""
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return device.type == "cuda" and not quantized(model) and attn in STATIC_ATTENTION
 
 
 def is_prompt_learning(model) -> bool:
@@ -276,8 +283,12 @@ class _Pool:
         static = STATIC_DECODE if static is None else static
         self.static = static_by_default(model, self.device) if static is None else static
         self.col = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graphs: Optional[dict] = {}            # (rows, width) -> CUDAGraph; None once a capture failed
         self.graph_pool = None
+        self.logits: Optional[torch.Tensor] = None   # every graph's logits land here
+        self.mask_dtype = model.get_input_embeddings().weight.dtype
+        if not self.mask_dtype.is_floating_point:
+            self.mask_dtype = torch.float32
 
     def __len__(self) -> int:
         return self.size
@@ -298,8 +309,10 @@ class _Pool:
             if hasattr(p, "prompt_len"):
                 p.prompt_len = meta["gen_col"] - (self.end - ids.shape[1])
             scores = p(ids, scores)
+        # the model's 16-bit values sort in the same order while processors only set -inf (the header block)
+        exact = all(isinstance(p, BlockFirstTokens) for p in self.processors)
         return _choose(scores, meta["temp"], meta["top_p"], meta["sample"], self.any_sample, self.any_top_p,
-                       key_dtype=logits.dtype)
+                       key_dtype=logits.dtype if exact else None)
 
     def admit(self, items: list[tuple[int, list[int], Sampling]]) -> None:
         """Prefill `items` (input index, prompt ids, sampling) at the pool's width into the next free rows."""
@@ -382,36 +395,49 @@ class _Pool:
 
     def _static_forward(self, rows: int, width: int) -> torch.Tensor:
         """The decode forward at a fixed shape: rows [0, rows) (rows past the live ones are idle slots, their
-        outputs unused) attend columns [0, width) through a 4-D mask; K/V are written at column `self.col`.
-        Every row also sees its own new column, so an idle slot never has an all-masked (NaN) row."""
+        outputs unused) attend columns [0, width) through an additive 4-D mask (0 or the dtype's minimum: SDPA and
+        eager attention both add it to the scores); K/V are written at column `self.col`. Every row also sees its
+        own new column, so an idle slot never has an all-masked (NaN) row."""
         for layer in self.layers:
             layer.rows, layer.width, layer.col = rows, width, self.col
         attend = self.mask[:rows, :width].bool().index_fill(1, self.col, True)
-        out = self.model(input_ids=self.meta["last"][:rows].unsqueeze(1), attention_mask=attend[:, None, None, :],
+        bias = torch.zeros(attend.shape, dtype=self.mask_dtype, device=self.device).masked_fill(
+            ~attend, torch.finfo(self.mask_dtype).min)
+        out = self.model(input_ids=self.meta["last"][:rows].unsqueeze(1), attention_mask=bias[:, None, None, :],
                          position_ids=self.meta["pos"][:rows].unsqueeze(1), past_key_values=self.cache,
                          use_cache=True)
         return out.logits[:, -1]
 
     def _static_step(self, col: int) -> torch.Tensor:
         """Logits of one static step: on CUDA a captured graph per shape (the first step at a shape runs eagerly,
-        which also warms it up for the capture), elsewhere the same forward eagerly."""
+        which also warms it up for the capture), elsewhere the same forward eagerly. Every graph writes its logits
+        into one buffer, so the graphs' own outputs need not stay allocated."""
         self.col.fill_(col)
         rows, width = self._bucket(col)
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.graphs is None:
             return self._static_forward(rows, width)
         graph = self.graphs.get((rows, width))
         if graph is not None:
-            graph[0].replay()
-            return graph[1]
+            graph.replay()
+            return self.logits[:rows]
         logits = self._static_forward(rows, width)
+        if self.logits is None:
+            self.logits = logits.new_empty(self.max_rows, logits.shape[-1])
+        try:
+            self.graphs[(rows, width)] = self._capture(rows, width)
+        except RuntimeError as e:   # e.g. a model whose forward syncs with the host: decode on without graphs
+            warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without graphs")
+            self.graphs = None
+        return logits
+
+    def _capture(self, rows: int, width: int):
         with torch.cuda.device(self.device):   # capture on the model's GPU (a worker's may not be the current one)
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()   # one memory pool: graphs replay one at a time
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.graph_pool):
-                out = self._static_forward(rows, width)
-        self.graphs[(rows, width)] = (g, out)
-        return logits
+                self.logits[:rows].copy_(self._static_forward(rows, width))
+        return g
 
     def harvest(self) -> list[int]:
         """Append every row's last pick to its tokens; return the rows that stop (a stop token, or their limit).

@@ -217,7 +217,7 @@ def test_static_step_buckets_rows_and_columns(lm, monkeypatch):
     assert any(rows > size for size, rows, _ in shapes)          # idle slots ran with the live rows
     assert len({width for _, _, width in shapes}) > 1             # the attended columns grew by buckets
     monkeypatch.setattr(G, "STATIC_DECODE", False)
-    for p, s, c in zip(inputs[:6], settings, pooled):
+    for p, s, c in zip(inputs, settings, pooled):
         alone = G.generate(model, tok, [p], s, batch_size=1)[0]
         assert (alone.text, alone.n_tokens, alone.ended) == (c.text, c.n_tokens, c.ended)
 
@@ -287,3 +287,56 @@ def test_quantized_models_keep_the_eager_step(lm, monkeypatch):
     assert G.quantized(model) and not G.static_by_default(model, cuda)
     monkeypatch.setattr(G, "STATIC_DECODE", True)   # forcing it still works
     assert G._Pool(model, tok, [tok.eos_token_id], 2, 8, None).static is True
+
+
+def test_static_step_with_eager_attention(tiny_model_dir, monkeypatch):
+    """The static step's 4-D mask is additive, so eager attention (which adds the mask to the scores) masks the
+    padding as SDPA does: outputs equal the eager live window."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token, tok.padding_side = "<|endoftext|>", "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    inputs = _prompts(8, seed=9)
+    settings = [G.Sampling.greedy(4 + i) for i in range(len(inputs))]
+    runs = {}
+    for static in (True, False):
+        monkeypatch.setattr(G, "STATIC_DECODE", static)
+        runs[static] = G.generate(model, tok, inputs, settings, batch_size=5)
+    assert [(c.text, c.n_tokens) for c in runs[True]] == [(c.text, c.n_tokens) for c in runs[False]]
+
+
+def test_static_default_needs_an_additive_mask(lm, monkeypatch):
+    model, _ = lm
+    cuda = torch.device("cuda")
+    for attn, expected in (("sdpa", True), ("eager", True), ("sit_varlen", True), ("flash_attention_2", False),
+                           ("flex_attention", False)):
+        monkeypatch.setattr(model.config, "_attn_implementation", attn)
+        assert G.static_by_default(model, cuda) is expected, attn
+
+
+def test_top_p_with_temperature():
+    """The nucleus is taken after temperature, as transformers does: at T = 0.5, probabilities (0.5, 0.3, 0.15,
+    0.05) become (0.67, 0.24, 0.06, 0.007), so top-p 0.8 keeps two tokens, drawn 0.74 / 0.26."""
+    n = 20_000
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    scores = torch.log(p).repeat(n, 1)
+    torch.manual_seed(4)
+    picks = G._choose(scores, torch.full((n,), 0.5), torch.full((n,), 0.8), torch.ones(n, dtype=torch.bool))
+    sharp = p ** 2 / (p ** 2).sum()
+    kept = sharp[:2] / sharp[:2].sum()
+    freq = torch.bincount(picks, minlength=4).float() / n
+    assert torch.allclose(freq, torch.cat([kept, torch.zeros(2)]), atol=0.015), freq.tolist()
+
+
+def test_sixteen_bit_keys_keep_the_order_of_16_bit_scores():
+    """Scores that are bf16 values (what a bf16 model gives) sort the same with bf16 keys: with a nucleus of one
+    token, every row draws its argmax, over a vocabulary of 5,000 with near-ties at bf16 resolution."""
+    g = torch.Generator().manual_seed(5)
+    scores = (torch.randn(256, 5000, generator=g) * 0.05).to(torch.bfloat16).float()
+    rows = [r for r in range(256) if (scores[r] == scores[r].max()).sum() == 1]   # rows without a tie at the top
+    scores = scores[rows]
+    n = len(scores)
+    picks = G._choose(scores, torch.ones(n), torch.full((n,), 1e-6), torch.ones(n, dtype=torch.bool),
+                      key_dtype=torch.bfloat16)
+    assert n > 100 and torch.equal(picks, scores.argmax(-1))
