@@ -218,31 +218,52 @@ def pool_supported(model) -> bool:
 
 def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, sample: torch.Tensor,
             any_sample: Optional[bool] = None, any_top_p: Optional[bool] = None,
-            key_dtype: Optional[torch.dtype] = None):
+            key_dtype: Optional[torch.dtype] = None, top_k_first: int = 0):
     """Next token per row: argmax where `sample` is False, else temperature + nucleus (top-p) sampling.
     `any_sample` / `any_top_p`, when the caller knows them, spare a device-to-host sync each.
 
     Sampling is Gumbel-max (argmax of logits + Gumbel noise draws token i with probability softmax(logits)_i), and
     top-p samples in sorted order: no scatter back over the vocabulary, no second softmax, no multinomial. At 256
     rows of a 128k vocabulary that was most of a step's sampling time. `key_dtype` (the model's logits dtype, e.g.
-    bfloat16) sorts 16-bit keys: the order of the model's own values, in half the radix passes."""
+    bfloat16) sorts 16-bit keys: the order of the model's own values, in half the radix passes. `top_k_first` > 0
+    looks for each nucleus among the top k tokens first (exact wherever their mass exceeds top_p; the other rows
+    are sorted whole): on a CPU a full sort of a 49k vocabulary took 30 ms per step at 16 rows, top-256 1.6 ms."""
     greedy = scores.argmax(dim=-1)
     if not (bool(sample.any()) if any_sample is None else any_sample):
         return greedy
     temp = temperature.unsqueeze(1)
-    if bool((top_p < 1).any()) if any_top_p is None else any_top_p:
-        # as transformers' TopPLogitsWarper: drop the tail whose mass before it already exceeds top_p
-        keys = scores if key_dtype in (None, scores.dtype) else scores.to(key_dtype)
-        idx = keys.sort(dim=-1, descending=True).indices   # temperature > 0 keeps the order
-        logits = scores.gather(1, idx) / temp
-        probs = logits.softmax(dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) > top_p.unsqueeze(1)
-        drop[:, 0] = False
-        pos = (logits - torch.empty_like(logits).exponential_().log()).masked_fill(drop, float("-inf")).argmax(-1)
-        picked = idx.gather(1, pos.unsqueeze(1)).squeeze(1)
-    else:
+    if not (bool((top_p < 1).any()) if any_top_p is None else any_top_p):
         picked = (scores / temp - torch.empty_like(scores).exponential_().log()).argmax(dim=-1)
+        return torch.where(sample, picked, greedy)
+    if 0 < top_k_first < scores.shape[-1]:
+        vals, idx = scores.topk(top_k_first, dim=-1)   # sorted, descending
+        logits = vals / temp
+        probs = (logits - torch.logsumexp(scores / temp, dim=-1, keepdim=True)).exp()   # of the whole vocabulary
+        picked = _nucleus_pick(logits, probs, idx, top_p)
+        full = sample & (probs.sum(-1) <= top_p)   # nuclei reaching past the top k
+        if bool(full.any()):
+            rows = full.nonzero().squeeze(1)
+            picked[rows] = _sorted_pick(scores[rows], temp[rows], top_p[rows], key_dtype)
+    else:
+        picked = _sorted_pick(scores, temp, top_p, key_dtype)
     return torch.where(sample, picked, greedy)
+
+
+def _sorted_pick(scores, temp, top_p, key_dtype) -> torch.Tensor:
+    """Top-p draw over the whole vocabulary, sorted."""
+    keys = scores if key_dtype in (None, scores.dtype) else scores.to(key_dtype)
+    idx = keys.sort(dim=-1, descending=True).indices   # temperature > 0 keeps the order
+    logits = scores.gather(1, idx) / temp
+    return _nucleus_pick(logits, logits.softmax(dim=-1), idx, top_p)
+
+
+def _nucleus_pick(logits, probs, idx, top_p) -> torch.Tensor:
+    """Gumbel-max draw among the leading tokens of descending `logits` (probabilities `probs`, ids `idx`) whose
+    mass before them does not exceed top_p, as transformers' TopPLogitsWarper keeps them."""
+    drop = (probs.cumsum(dim=-1) - probs) > top_p.unsqueeze(1)
+    drop[:, 0] = False
+    pos = (logits - torch.empty_like(logits).exponential_().log()).masked_fill(drop, float("-inf")).argmax(-1)
+    return idx.gather(1, pos.unsqueeze(1)).squeeze(1)
 
 
 # ---------------------------------------------------------------- the pool
@@ -286,6 +307,9 @@ class _Pool:
         self.graphs: Optional[dict] = {}            # (rows, width) -> CUDAGraph; None once a capture failed
         self.graph_pool = None
         self.logits: Optional[torch.Tensor] = None   # every graph's logits land here
+        # nuclei searched among the top 256 first on CPU, where sorting the vocabulary dominated sampling (on a
+        # GPU the full sort has been measured, the top-k path not yet)
+        self.top_k_first = 256 if self.device.type == "cpu" else 0
         self.mask_dtype = model.get_input_embeddings().weight.dtype
         if not self.mask_dtype.is_floating_point:
             self.mask_dtype = torch.float32
@@ -312,7 +336,7 @@ class _Pool:
         # the model's 16-bit values sort in the same order while processors only set -inf (the header block)
         exact = all(isinstance(p, BlockFirstTokens) for p in self.processors)
         return _choose(scores, meta["temp"], meta["top_p"], meta["sample"], self.any_sample, self.any_top_p,
-                       key_dtype=logits.dtype if exact else None)
+                       key_dtype=logits.dtype if exact else None, top_k_first=self.top_k_first)
 
     def admit(self, items: list[tuple[int, list[int], Sampling]]) -> None:
         """Prefill `items` (input index, prompt ids, sampling) at the pool's width into the next free rows."""

@@ -222,13 +222,14 @@ def test_static_step_buckets_rows_and_columns(lm, monkeypatch):
         assert (alone.text, alone.n_tokens, alone.ended) == (c.text, c.n_tokens, c.ended)
 
 
-@pytest.mark.parametrize("key_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("key_dtype, top_k_first", [(None, 0), (torch.bfloat16, 0), (None, 2), (None, 3)])
 @pytest.mark.parametrize("top_p, expected", [(1.0, [0.5, 0.3, 0.15, 0.05]), (0.7, [0.625, 0.375, 0.0, 0.0]),
                                              (0.9, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0])])
-def test_sampling_follows_the_distribution(top_p, expected, key_dtype):
+def test_sampling_follows_the_distribution(top_p, expected, key_dtype, top_k_first):
     """Draws follow softmax(scores) renormalised over the nucleus: 20,000 rows at once, each frequency within
     0.015 of its probability (about 4.5 standard errors at p = 0.5); the vocabulary shuffled per row, so the
-    sorted order must map back to the right ids; with 16-bit sort keys (the model's dtype) as well."""
+    sorted order must map back to the right ids; with 16-bit sort keys (the model's dtype), and with the nucleus
+    looked for in the top k first (rows whose nucleus reaches further fall back to the full sort)."""
     n = 20_000
     base = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     g = torch.Generator().manual_seed(3)
@@ -236,7 +237,7 @@ def test_sampling_follows_the_distribution(top_p, expected, key_dtype):
     scores = base[perm]   # column j of row r scores as probability index perm[r, j]
     torch.manual_seed(1)
     cols = G._choose(scores, torch.ones(n), torch.full((n,), top_p), torch.ones(n, dtype=torch.bool),
-                     key_dtype=key_dtype)
+                     key_dtype=key_dtype, top_k_first=top_k_first)   # top 2 holds 0.8, top 3 0.95: both paths
     picks = perm.gather(1, cols.unsqueeze(1)).squeeze(1)   # which probability each drawn column had
     freq = torch.bincount(picks, minlength=4).float() / n
     assert torch.allclose(freq, torch.tensor(expected), atol=0.015), freq.tolist()
@@ -340,3 +341,19 @@ def test_sixteen_bit_keys_keep_the_order_of_16_bit_scores():
     picks = G._choose(scores, torch.ones(n), torch.full((n,), 1e-6), torch.ones(n, dtype=torch.bool),
                       key_dtype=torch.bfloat16)
     assert n > 100 and torch.equal(picks, scores.argmax(-1))
+
+
+def test_top_k_first_mixes_rows_that_fit_and_rows_that_do_not():
+    """One call, rows of two kinds: a peaked row whose nucleus lies in the top 2, and a flat row whose nucleus
+    needs the whole vocabulary (its fallback); greedy rows stay greedy. Each kind keeps its own distribution."""
+    n = 12_000
+    peaked = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
+    flat = torch.log(torch.tensor([0.3, 0.25, 0.25, 0.2]))
+    scores = torch.stack([peaked, flat, peaked]).repeat(n, 1)
+    sample = torch.tensor([True, True, False]).repeat(n)
+    torch.manual_seed(6)
+    picks = G._choose(scores, torch.ones(3 * n), torch.full((3 * n,), 0.85), sample, top_k_first=2)
+    freq = lambda x: (torch.bincount(x, minlength=4).float() / len(x))
+    assert torch.allclose(freq(picks[0::3]), torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015)
+    assert torch.allclose(freq(picks[1::3]), torch.tensor([0.3, 0.25, 0.25, 0.2]) / 1.0, atol=0.015)
+    assert torch.equal(picks[2::3], torch.zeros(n, dtype=torch.long))
