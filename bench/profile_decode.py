@@ -86,6 +86,13 @@ def main() -> None:
     ones = torch.ones(n, device="cuda")
     pick = lambda: [G._choose(scores, ones, ones * 0.95, ones.bool(), True, True, torch.bfloat16) for _ in range(a.new)]
     print("top_p_choose_only", "ms/step", per_step_ms(pick, a.new), flush=True)
+    # logits as peaked as a trained model's (random weights give nearly flat ones): the whole-vocabulary sort
+    # against looking for each nucleus among the top 256 first (the CPU default; on a GPU still to be decided)
+    peaked = (torch.randn(n, vocab, device="cuda") * 6).to(torch.bfloat16).float()   # nuclei of ~2-200 tokens
+    for k in (0, 256):
+        pick = lambda k=k: [G._choose(peaked, ones, ones * 0.95, ones.bool(), True, True, torch.bfloat16, k)
+                            for _ in range(a.new)]
+        print(f"top_p_choose_only_peaked_top_k_first_{k}", "ms/step", per_step_ms(pick, a.new), flush=True)
     # greedy rows: graphs (bucketed shapes) against the eager window and against transformers' generate
     eager, graphs = cases["pool_eager_greedy"](), cases["pool_graphs_greedy"]()
     ref = cases["hf_generate_greedy"]()
