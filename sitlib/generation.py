@@ -227,14 +227,14 @@ def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
     rows of a 128k vocabulary that was most of a step's sampling time. `key_dtype` (the model's logits dtype, e.g.
     bfloat16) sorts 16-bit keys: the order of the model's own values, in half the radix passes. `top_k_first` > 0
     looks for each nucleus among the top k tokens first (exact wherever their mass exceeds top_p; the other rows
-    are sorted whole): on a CPU a full sort of a 49k vocabulary took 30 ms per step at 16 rows, top-256 1.6 ms."""
+    are sorted whole): on 2 CPU cores, 16 rows of a 49k vocabulary with peaked logits, a full sort took 55 ms per step
+    and top-256 first 2.4 ms; on flat logits every row falls back (61 vs 54 ms; bench/bench_sampling.py)."""
     greedy = scores.argmax(dim=-1)
     if not (bool(sample.any()) if any_sample is None else any_sample):
         return greedy
     temp = temperature.unsqueeze(1)
     if not (bool((top_p < 1).any()) if any_top_p is None else any_top_p):
-        picked = (scores / temp - torch.empty_like(scores).exponential_().log()).argmax(dim=-1)
-        return torch.where(sample, picked, greedy)
+        return torch.where(sample, _gumbel_argmax(scores / temp), greedy)
     if 0 < top_k_first < scores.shape[-1]:
         vals, idx = scores.topk(top_k_first, dim=-1)   # sorted, descending
         logits = vals / temp
@@ -262,14 +262,19 @@ def _nucleus_pick(logits, probs, idx, top_p) -> torch.Tensor:
     mass before them does not exceed top_p, as transformers' TopPLogitsWarper keeps them."""
     drop = (probs.cumsum(dim=-1) - probs) > top_p.unsqueeze(1)
     drop[:, 0] = False
-    pos = (logits - torch.empty_like(logits).exponential_().log()).masked_fill(drop, float("-inf")).argmax(-1)
+    pos = _gumbel_argmax(logits.masked_fill(drop, float("-inf")))
     return idx.gather(1, pos.unsqueeze(1)).squeeze(1)
+
+
+def _gumbel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """A draw per row with probability softmax(logits): argmax of logits + Gumbel noise (-log of Exp(1))."""
+    return (logits - torch.empty_like(logits).exponential_().log()).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------- the pool
 
-# The pool's decode: None = static shapes + CUDA graphs on CUDA (bitsandbytes-quantized models excepted), the live
-# window eagerly elsewhere; True/False force the static or the eager step (on CPU the static step runs without
+# The pool's decode: None = static shapes + CUDA graphs where `static_by_default` says so (CUDA, no bitsandbytes
+# weights, attention that takes an additive mask), the live window eagerly elsewhere; True/False force the static or the eager step (on CPU the static step runs without
 # graphs: tests use it).
 STATIC_DECODE: Optional[bool] = None
 
@@ -282,7 +287,7 @@ class _Pool:
     window, per-row sampling settings. A finished row's slot is refilled by moving the last row into it."""
 
     def __init__(self, model, tok, stop: list[int], max_rows: int, cols: int, processors,
-                 settings: Sequence[Sampling] = (), static: Optional[bool] = None):
+                 settings: Sequence[Sampling] = ()):
         self.model, self.processors = model, processors or []
         # known for the whole call: no device sync per step to ask whether any row samples or cuts its tail
         self.any_sample = any(s.do_sample for s in settings) if settings else None
@@ -301,8 +306,7 @@ class _Pool:
         self.out: list[list[int]] = []      # tokens picked per row (host side)
         # static decode (default on CUDA): every step runs at a bucketed (rows, width), so it can be replayed as a
         # CUDA graph, one launch instead of ~1,000 kernel launches per step
-        static = STATIC_DECODE if static is None else static
-        self.static = static_by_default(model, self.device) if static is None else static
+        self.static = static_by_default(model, self.device) if STATIC_DECODE is None else STATIC_DECODE
         self.col = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graphs: Optional[dict] = {}            # (rows, width) -> CUDAGraph; None once a capture failed
         self.graph_pool = None

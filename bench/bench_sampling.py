@@ -1,0 +1,59 @@
+"""Top-p sampling alone (`sitlib.generation._choose`), per decode step: the whole-vocabulary sort against looking
+for each nucleus among the top k first, on logits as flat as random weights give and as peaked as a trained
+model's. Runs on the CPU (where the pool looks among the top 256 first) or on a GPU.
+
+    python bench/bench_sampling.py [--rows 16] [--vocab 49152] [--device cpu] [--out bench/results]
+
+Merges {"sampling_<device>": {...}} into bench/results/<date>_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import record, sync  # noqa: E402
+
+from sitlib.generation import _choose  # noqa: E402
+
+
+def ms_per_call(fn, repeats: int) -> float:
+    fn()   # warm
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return round(1000 * (time.perf_counter() - t) / repeats, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=49152)   # SmolLM2's
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    a = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    n = a.rows
+    ones = torch.ones(n, device=a.device)
+    res: dict = {"rows": n, "vocab": a.vocab, "top_p": 0.95, "temperature": 1.0}
+    # scale 1: nearly flat (random weights); scale 6: nuclei of a few to a few hundred tokens
+    for name, scale in (("flat", 1.0), ("peaked", 6.0)):
+        scores = (torch.randn(n, a.vocab, generator=g) * scale).to(a.device)
+        for k in (0, 256):
+            ms = ms_per_call(lambda: _choose(scores, ones, ones * 0.95, ones.bool(), True, True, None, k), a.repeats)
+            res[f"{name}_top_k_first_{k}_ms"] = ms
+            print(name, k, ms, "ms", flush=True)
+    record(f"sampling_{a.device}", res, a.out)
+
+
+if __name__ == "__main__":
+    main()
