@@ -103,6 +103,7 @@ class SFTConfig:
     eval_steps: int = 25
     optimizer: str = "adamw_torch"
     sample_prompts: int = 3
+    rows: str = "all"   # "constrained": only the rows whose answer passed its checked constraints
 
 
 @dataclass
@@ -110,6 +111,7 @@ class PromptTuningConfig:
     num_virtual_tokens: int = 20
     init: str = "text"   # "text" or "random"
     init_text: str = "You are a helpful assistant. Answer the instruction accurately and concisely."
+    rows: str = "all"   # as sft.rows
     epochs: float = 3.0
     learning_rate: float = 2e-2
     batch_size: int = 12
@@ -125,6 +127,7 @@ class PromptTuningConfig:
 class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"   # any of TRL's DPO loss types
+    pairs: str = "all"           # "constraint_check": only the pairs of checked pass → chosen, fail → rejected
     learning_rate: float = 5e-6
     epochs: float = 1.0
     batch_size: int = 8
@@ -300,7 +303,8 @@ RANGES = {
     "preference.chunk_size": _at_least(1), "preference.candidate_source": _one_of("teacher", "sft"),
     "lora.r": _at_least(1), "lora.alpha": _above(0), "lora.dropout": _between(0, 1, lo_open=False),
     "prompt_tuning.num_virtual_tokens": _at_least(1), "prompt_tuning.init": _one_of("text", "random"),
-    "dpo.beta": _above(0),
+    "dpo.beta": _above(0), "dpo.pairs": _one_of("all", "constraint_check", "score"),
+    "sft.rows": _one_of("all", "constrained"), "prompt_tuning.rows": _one_of("all", "constrained"),
     "*.epochs": _above(0), "*.learning_rate": _above(0), "*.batch_size": _at_least(1),
     "*.gradient_accumulation": _at_least(1), "*.warmup_ratio": _between(0, 1, lo_open=False),
     "*.max_steps": _STEPS, "*.logging_steps": _at_least(1), "*.save_steps": _at_least(1),

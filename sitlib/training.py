@@ -65,28 +65,42 @@ def tokenize_sft(tok, row: dict, max_length: int) -> dict:
     return {"input_ids": ids, "completion_mask": ([0] * len(p_ids) + [1] * len(c_ids))[:max_length]}
 
 
-def sft_rows(session) -> tuple[list[dict], list[dict]]:
-    """The (train, val) prompt/completion rows 03 wrote."""
-    folder = session.paths.data_filtered
-    return _rows(folder, SFT_FILES[0], SFT_PRODUCER), _rows(folder, SFT_FILES[1], SFT_PRODUCER)
+def _selected(rows: list[dict], keep, path: Path, key: str, choice: str, why_none: str) -> list[dict]:
+    """The rows `keep` accepts; none left is an error naming the file and the config key that asked for them."""
+    kept = [r for r in rows if keep(r)]
+    if not kept:
+        raise BadInputError(f"{path}: {key} = {choice!r} leaves no row ({why_none}; or set {key} to 'all')")
+    return kept
 
 
-def tokenized_sft_split(session, tok):
+def sft_rows(session, section: str = "sft") -> tuple[list[dict], list[dict]]:
+    """The (train, val) prompt/completion rows 03 wrote; `<section>.rows` = "constrained" keeps only the rows whose
+    answer passed its code-checked constraints (rejection sampling alone, without the unchecked Magpie rows)."""
+    folder, choice = session.paths.data_filtered, getattr(session.config, section).rows
+    out = [_rows(folder, name, SFT_PRODUCER) for name in SFT_FILES]
+    if choice == "constrained":
+        out = [_selected(rows, lambda r: bool(r.get("constraints")), folder / name, f"{section}.rows", choice,
+                         "rerun 02 with generation.constraint_share > 0, then 03") for rows, name in zip(out, SFT_FILES)]
+    return out[0], out[1]
+
+
+def tokenized_sft_split(session, tok, section: str = "sft"):
     """(train, val, val_prompts): token ids + completion masks as `datasets.Dataset`, and the val instructions."""
     from datasets import Dataset
 
     n = session.config.models.max_seq_length
-    train, val = sft_rows(session)
+    train, val = sft_rows(session, section)
     return (Dataset.from_list([tokenize_sft(tok, r, n) for r in train]),
             Dataset.from_list([tokenize_sft(tok, r, n) for r in val]),
             [r["prompt"][-1]["content"] for r in val])
 
 
 def preference_split(session):
-    """(train, val) `datasets.Dataset` of prompt/chosen/rejected conversations, as 04 wrote them."""
+    """(train, val) `datasets.Dataset` of prompt/chosen/rejected conversations, as 04 wrote them; `dpo.pairs` other
+    than "all" keeps only the pairs of that rule ("constraint_check": the checked pass → chosen, fail → rejected)."""
     from datasets import Dataset
 
-    folder, cols = session.paths.data_preference, ("prompt", "chosen", "rejected")
+    folder, cols, choice = session.paths.data_preference, ("prompt", "chosen", "rejected"), session.config.dpo.pairs
     out = []
     for name in DPO_FILES:
         rows = _rows(folder, name, DPO_PRODUCER)
@@ -94,6 +108,9 @@ def preference_split(session):
             if missing := [c for c in cols if c not in r]:
                 raise BadInputError(f"{folder / name}, line {n}: missing {', '.join(missing)} "
                                     "(expected prompt/chosen/rejected message lists)")
+        if choice != "all":   # only the pairs made by one rule, e.g. pass → chosen, fail → rejected
+            rows = _selected(rows, lambda r: r.get("pair_rule") == choice, folder / name, "dpo.pairs", choice,
+                             "no pair was made by that rule: rerun 04 on constrained rows")
         out.append(Dataset.from_list([{c: r[c] for c in cols} for r in rows]))
     return out[0], out[1]
 

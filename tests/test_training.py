@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from sitlib import training
 from sitlib.artifacts import write_jsonl
 from sitlib.hardware import PROFILES
-from sitlib.errors import OutOfMemoryError
+from sitlib.errors import BadInputError, OutOfMemoryError
 from sitlib.models import load_model, load_tokenizer, lora_config, prompt_tuning_config, resolve_model
 from sitlib.session import setup
 
@@ -304,3 +304,26 @@ def test_sft_fingerprint_is_the_same_in_every_process(tmp_path, tiny_model_dir):
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
     assert len(outs) == 1 and "q_proj" in outs.pop()
+
+
+def test_row_and_pair_selection_keep_only_checked_data(tmp_path, tiny_model_dir):
+    rows = _sft_rows(20)
+    for r in rows[::4]:   # every 4th row: a constrained instruction whose answer passed its check
+        r["constraints"] = [{"id": "punctuation:no_comma", "kwargs": {}}]
+    S = _session(tmp_path, tiny_model_dir, **{"sft.rows": "constrained"})
+    write_jsonl(S.paths.data_filtered / "sft_train.jsonl", rows[:16])
+    write_jsonl(S.paths.data_filtered / "sft_val.jsonl", rows[16:])
+    train, val = training.sft_rows(S)
+    assert [r["id"] for r in train] == [0, 4, 8, 12] and [r["id"] for r in val] == [16]
+    assert len(training.sft_rows(S, "prompt_tuning")[0]) == 16        # prompt_tuning.rows stays "all"
+    write_jsonl(S.paths.data_filtered / "sft_val.jsonl", rows[17:])   # no constrained row held out
+    with pytest.raises(BadInputError, match=r"sft_val\.jsonl: sft\.rows = 'constrained' leaves no row"):
+        training.sft_rows(S)
+
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": "no"}],
+              "pair_rule": "constraint_check" if "constraints" in r else "score"} for r in rows]
+    write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:16])
+    write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[16:])
+    assert [len(d) for d in training.preference_split(S)] == [16, 4]
+    S.config.dpo.pairs = "constraint_check"
+    assert [len(d) for d in training.preference_split(S)] == [4, 1]
