@@ -47,7 +47,7 @@ def run_files(tree: OutputTree) -> dict:
             "benchmark": (tree.evaluation_results / "benchmark_results.json", "07_benchmark_evaluation")}
 
 
-def quality(output_dir: str | Path, stage_seconds: dict | None = None) -> dict:
+def quality(output_dir: str | Path, stage_seconds: dict | None = None, recipe: list | None = None) -> dict:
     """The quality record of the run in `output_dir`; a missing file or key names the notebook to run first."""
     files = run_files(OutputTree(Path(output_dir)))
     data = {name: read_json(path, produced_by=nb) for name, (path, nb) in files.items()}
@@ -75,9 +75,12 @@ def quality(output_dir: str | Path, stage_seconds: dict | None = None) -> dict:
         "model": f"student {label[models['student']]}, teacher {label[models['teacher']]}, "
                  f"scorer {models['scorer']}",
         "profile": profile,
+        "recipe": recipe,   # the -p settings this run added to the profile's (None: read from a finished tree)
         "counts": {
             "instructions_generated": get("generation", "rows_total"),
             "constrained_instructions": get("generation", "constrained_rows"),
+            # rows kept through a code edit (generation.constraint_repair); runs before it recorded none
+            "constrained_repaired": data["generation"].get("constrained_rows_repaired"),
             "kept_after_filter": get("filter", "kept"), "constrained_kept": get("filter", "constrained_kept"),
             "sft_train_rows": get("filter", "sft_train"), "sft_val_rows": get("filter", "sft_val"),
             "preference_prompts": get("preference", "prompts"), "preference_pairs": get("preference", "pairs"),
@@ -134,7 +137,7 @@ def main() -> None:
             sys.exit(f"bench_quality: the series failed in stage {res.get('failed_stage')}; no quality file written")
         seconds = res["stages"]
     try:
-        body = quality(root, seconds)
+        body = quality(root, seconds, None if a.from_output_dir else a.param)
     except SitError as e:
         sys.exit(f"bench_quality: {e}")
     name = "".join(c if c.isalnum() else "_" for c in body["device"]).strip("_")   # as common.results_path

@@ -24,6 +24,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from sitlib.artifacts import write_json  # noqa: E402
 from sitlib.config import parse_value  # noqa: E402
 
+# as bench_series.py: the embedded model as teacher and student, the offline scorer (the data came from that run)
+EMBEDDED = {"models.student": "embedded", "models.teacher": "embedded", "models.scorer": "offline"}
 SUMMARY = ("prompt_level_accuracy", "instruction_level_accuracy", "eos_stop_rate", "mean_output_tokens")
 
 
@@ -100,7 +102,7 @@ def parse_recipes(groups: list[list[str]]) -> dict[str, dict]:
         bad = [p for p in pairs if "=" not in p]
         if bad:
             sys.exit(f"bench_recipes: --recipe {name}: {bad[0]!r} is not KEY=VALUE")
-        out[name] = {k: parse_value(v) for k, v in (p.split("=", 1) for p in pairs)}
+        out[name] = {**EMBEDDED, **{k: parse_value(v) for k, v in (p.split("=", 1) for p in pairs)}}
     return out
 
 
@@ -120,7 +122,7 @@ def main() -> None:
     import sitlib
     from sitlib import benchmark
 
-    S = sitlib.setup(a.profile, str(work / "base"), None, {}, verbose=False, models=("student",))
+    S = sitlib.setup(a.profile, str(work / "base"), None, EMBEDDED, verbose=False, models=("student",))
     items = benchmark.load_suite(S.config.evaluation.benchmark_items, S.config.seed)
     base = score(S, ["base"], items)["base"]
     body = {"device": S.detection.device_name, "profile": a.profile, "tree": str(tree), "items": len(items),

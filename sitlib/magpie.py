@@ -157,22 +157,30 @@ def answer_jobs(rows: list[dict], cfg: GenerationConfig) -> list[tuple[int, list
     return jobs
 
 
-def finish_row(row: dict, samples: list) -> dict:
-    """The row with its response; a constrained row keeps every sample, checked by code, and a passing one."""
+def finish_row(row: dict, samples: list, repair: bool = False) -> dict:
+    """The row with its response; a constrained row keeps every sample, checked by code, and a passing one. With
+    `repair` (generation.constraint_repair), where no sample passed, the first finished sample that code can edit
+    into a passing answer (sitlib.repair) is kept in its edited form; the samples stay as they were written."""
     from . import constraints
+    from .repair import repair as repaired
 
     if not row.get("constraints"):
         s = samples[0]
         return {**row, "response": s.text, "response_tokens": s.n_tokens, "response_complete": s.ended}
+    cons, task = row["constraints"], row["base_instruction"]
     checked = [{"text": s.text, "n_tokens": s.n_tokens, "ended": s.ended,
-                "passed": constraints.check(row["constraints"], s.text, row["base_instruction"])} for s in samples]
+                "passed": constraints.check(cons, s.text, task)} for s in samples]
     for c in checked:
         c["pass"] = all(c["passed"])
     # the kept answer passes every check and ended on EOS (a cut-off answer is never the one kept)
     good = [c for c in checked if c["pass"] and c["ended"]]
-    best = good[0] if good else checked[0]
-    return {**row, "response": best["text"], "response_tokens": best["n_tokens"], "response_complete": best["ended"],
-            "samples": checked, "passing_samples": len(good), "constraint_pass": bool(good)}
+    best, edited = (good[0] if good else checked[0]), None
+    if repair and not good:
+        edited = next(((c, e) for c in checked if c["ended"] and (e := repaired(cons, c["text"], task))), None)
+    text = edited[1] if edited else best["text"]
+    return {**row, "response": text, "response_tokens": (edited[0] if edited else best)["n_tokens"],
+            "response_complete": (edited[0] if edited else best)["ended"], "samples": checked,
+            "passing_samples": len(good), "constraint_pass": bool(good or edited), "repaired": edited is not None}
 
 
 # Pass 2 hands `generate` this many batches' worth of answers per call: enough for its pool to refill as rows
@@ -208,7 +216,7 @@ def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int,
             k = jobs[j][0]
             got[k].append(c)
             if len(got[k]) == need[k]:
-                done.append(finish_row(rows[k], got[k]))
+                done.append(finish_row(rows[k], got[k], cfg.constraint_repair))
         yield done
 
 
@@ -329,7 +337,8 @@ def generation_metrics(rows: list[dict], made: int, tokens: int, seconds: float,
         "instruction_trimmed_rate": _rate(rows, "instruction_trimmed"),
         "starts_with_markdown_header": sum(r["instruction"].lstrip().startswith("#") for r in rows),
         "constrained_rows": len(constrained),
-        "constrained_rows_with_a_passing_answer": sum(bool(r.get("constraint_pass")) for r in constrained),
+        "constrained_rows_with_a_passing_answer": sum(r["passing_samples"] > 0 for r in constrained),
+        "constrained_rows_repaired": sum(bool(r.get("repaired")) for r in constrained),
         "constraint_samples_passed": sum(r["passing_samples"] for r in constrained),
         "constraint_samples_total": sum(len(r["samples"]) for r in constrained),
         "teacher": teacher, "batch_size": cfg.batch_size, "chunk_size": cfg.chunk_size,

@@ -38,7 +38,8 @@ def run_tree(tmp_path):
     cfg.models.scorer = "offline"
     session = SimpleNamespace(paths=tree, config=cfg, profile=SimpleNamespace(name="h100"))
     write_metrics(tree.evaluation_metrics / "setup.json", {"device": "NVIDIA H200", "student": "embedded"}, cfg)
-    write_json(tree.evaluation_metrics / "generation_metrics.json", {"rows_total": 1500, "constrained_rows": 450})
+    write_json(tree.evaluation_metrics / "generation_metrics.json", {"rows_total": 1500, "constrained_rows": 450,
+                                                                         "constrained_rows_repaired": 12})
     filtering.write_splits(session, [{"id": i} for i in range(9)], [{"id": 9}], [{"id": 10}],
                            {"input_rows": 11, "kept": 10, "rejected": 1, "reasons": {"refusal": 1}})
     write_json(tree.evaluation_metrics / "preference_metrics.json",
@@ -59,7 +60,8 @@ def test_quality_reads_the_writers_files(run_tree):
     assert q["models"]["base"] == {"prompt_level_accuracy": 0.6667, "instruction_level_accuracy": 0.6667,
                                    "n_prompts": 3}
     assert q["models"]["sft"]["prompt_level_accuracy"] == 0.3333
-    assert q["counts"] == {"instructions_generated": 1500, "constrained_instructions": 450, "kept_after_filter": 10,
+    assert q["counts"] == {"instructions_generated": 1500, "constrained_instructions": 450, "constrained_repaired": 12,
+                           "kept_after_filter": 10,
                            "constrained_kept": 0,
                            "sft_train_rows": 9, "sft_val_rows": 1, "preference_prompts": 600,
                            "preference_pairs": 500, "dpo_train_pairs": 450, "dpo_val_pairs": 50, "sft_steps": 113,

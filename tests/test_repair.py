@@ -1,0 +1,71 @@
+"""Answers repaired by code: each edit makes IFEval's own checker pass, and nothing else is ever called repaired."""
+import random
+
+import pytest
+
+from sitlib import constraints, magpie, repair
+from sitlib.checks import ifeval_instruction
+from sitlib.generation import Completion
+
+ANSWER = ("Tides rise and fall twice a day, because the moon pulls on the oceans. The sun adds a smaller pull, "
+          "so the highest tides come when both line up.")
+TASK = "Explain why the sea has tides"
+
+
+def _cons(*ids, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for i in ids:
+        text, kwargs = ifeval_instruction(i, rng=rng)
+        out.append({"id": i, "kwargs": kwargs, "text": text})
+    return out
+
+
+@pytest.mark.parametrize("cid", sorted(repair.EDITS))
+def test_each_edit_turns_a_failing_answer_into_one_the_checker_passes(cid):
+    cons = _cons(cid)
+    assert not constraints.passes(cons, ANSWER, TASK)
+    fixed = repair.repair(cons, ANSWER, TASK)
+    assert fixed is not None and constraints.passes(cons, fixed, TASK)
+
+
+def test_edits_combine_in_one_answer():
+    cons = _cons("detectable_format:title", "change_case:english_lowercase", "punctuation:no_comma")
+    fixed = repair.repair(cons, ANSWER, TASK)
+    assert fixed.startswith("<<explain why the sea has>>") and "," not in fixed and fixed == fixed.lower()
+    assert all(constraints.check(cons, fixed, TASK))
+
+
+def test_no_repair_where_no_edit_can_fix_or_nothing_failed():
+    failing_words = next(c for c in (_cons("length_constraints:number_words", seed=s) for s in range(50))
+                         if not constraints.passes(c, ANSWER, TASK))
+    assert repair.repair(failing_words, ANSWER, TASK) is None            # a word count: no edit for it
+    both = failing_words + _cons("change_case:english_capital")
+    assert repair.repair(both, ANSWER, TASK) is None                     # one unfixable failure: no repair
+    upper = _cons("change_case:english_capital")
+    assert repair.repair(upper, ANSWER.upper(), TASK) is None            # already passes: nothing to edit
+    assert repair.repair(upper, "   ", TASK) is None
+
+
+def test_an_edit_that_breaks_another_check_is_not_kept():
+    # uppercase breaks "at most N capital words": the edited answer fails, so there is no repair
+    cap = next(c for c in (_cons("change_case:capital_word_frequency", seed=s) for s in range(200))
+               if c[0]["kwargs"]["capital_relation"] == "less than")
+    cons = cap + _cons("change_case:english_capital")
+    assert constraints.check(cap, ANSWER, TASK) == [True]
+    assert repair.repair(cons, ANSWER, TASK) is None
+
+
+def test_finish_row_keeps_the_repair_and_the_samples_as_written():
+    row = {"id": 3, "instruction": TASK + " Wrap your entire response with double quotation marks.",
+           "base_instruction": TASK, "constraints": _cons("startend:quotation")}
+    samples = [Completion(ANSWER + " And then", 512, False), Completion(ANSWER, 40, True)]
+    plain = magpie.finish_row(row, samples)
+    assert not plain["constraint_pass"] and not plain["repaired"]
+    done = magpie.finish_row(row, samples, repair=True)
+    assert done["constraint_pass"] and done["repaired"] and done["passing_samples"] == 0
+    assert done["response"] == f'"{ANSWER}"' and done["response_complete"]      # the finished sample, not the cut one
+    assert [s["text"] for s in done["samples"]] == [ANSWER + " And then", ANSWER]
+    assert not any(s["pass"] for s in done["samples"])                          # 03 keeps them as failed answers
+    passing = magpie.finish_row(row, [Completion(f'"{ANSWER}"', 40, True)], repair=True)
+    assert passing["passing_samples"] == 1 and not passing["repaired"]
