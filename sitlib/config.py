@@ -46,8 +46,8 @@ class GenerationConfig:
     max_constraints: int = 3
     constraint_samples: int = 4
     # where no sample passed: keep one that a code edit makes pass (case, commas, end phrase, P.S., title, JSON,
-    # quotes; sitlib.repair), so the types a small teacher never gets right still reach SFT and DPO
-    constraint_repair: bool = True
+    # quotes; sitlib.repair). Off by default: on the 135M model it taught wrapping unrelated answers in quotes
+    constraint_repair: bool = False
     # generation of 02/04/07/08: 1 = this process (as on one GPU); "auto" = every visible GPU when there are
     # several; a count n = the first n GPUs; or a list such as ["cuda:0", "cuda:1"] (one model per GPU)
     devices: Union[str, int, list] = 1
