@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
+import common  # noqa: E402
 from common import mfu, param_count, record, save_random_model, sync  # noqa: E402
 from conftest import build_tiny_tokenizer  # noqa: E402  (a byte-level BPE tokenizer with a ChatML template)
 
@@ -106,8 +108,43 @@ class Clock:
         return _Clock()
 
 
-def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tokens") -> dict:
-    """Real (non-padding) tokens/s over the steps after `warm`, peak memory, MFU, the logged losses."""
+class StepProfile:
+    """A TrainerCallback that runs torch.profiler over `n` optimizer steps after `warm` and writes its top ops
+    (by self CPU and by device time) to `path`: where a step's time goes when it is far above its FLOPs."""
+
+    def __new__(cls, warm: int, n: int, path: Path):
+        from transformers import TrainerCallback
+
+        class _StepProfile(TrainerCallback):
+            prof = None
+
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == warm and self.prof is None:
+                    acts = [torch.profiler.ProfilerActivity.CPU] + \
+                        ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof.__enter__()
+                    self.t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                if self.prof is not None and state.global_step == warm + n:
+                    sync()
+                    wall = time.perf_counter() - self.t
+                    self.prof.__exit__(None, None, None)
+                    ka = self.prof.key_averages()
+                    dev = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                    path.write_text(f"{n} optimizer steps after {warm}: {wall:.3f} s wall\n\n"
+                                    f"by self CPU time:\n{ka.table(sort_by='self_cpu_time_total', row_limit=30)}\n"
+                                    f"by {dev}:\n{ka.table(sort_by=dev, row_limit=30)}\n")
+                    print(f"profile of {n} steps written to {path}", flush=True)
+                    self.prof = None
+
+        return _StepProfile()
+
+
+def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tokens",
+            timed: Optional[int] = None) -> dict:
+    """Real (non-padding) tokens/s over the steps after `warm` (up to step `timed`), peak memory, MFU, losses."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -117,8 +154,8 @@ def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tok
     except Exception as e:   # noqa: BLE001  (one variant's failure is a result, not the end of the run)
         err = repr(e)[:400]
     hist = trainer.state.log_history
-    ntok = [h[tokens_key] for h in hist if tokens_key in h]
-    t = clock.t
+    ntok = [h[tokens_key] for h in hist if tokens_key in h][:timed]
+    t = clock.t[:timed]
     out = {"peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "losses": [round(h["loss"], 4) for h in hist if "loss" in h][:20]}
     if err:
@@ -245,9 +282,14 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft"):
     args = training.sft_args(S, section, S.paths.models_sft / "bench")
     args.eval_strategy, args.save_strategy = "no", "no"
     clock = Clock()
+    extra = []
+    if ARGS.torch_profile:   # N more steps after the timed ones, under the profiler (not in the timing)
+        args.max_steps = steps + ARGS.torch_profile
+        extra = [StepProfile(steps, ARGS.torch_profile, Path(ARGS.out) / f"profile_{section}_{ARGS.shape}_"
+                             f"{common.device_name().replace(' ', '_')}.txt")]
     tr = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_cfg,
-                    callbacks=[clock])
-    res = measure(tr, clock, warm, n_params)
+                    callbacks=[clock, *extra])
+    res = measure(tr, clock, warm, n_params, timed=steps)
     sec = getattr(S.config, section)
     res["how"] = (f"profile {S.profile.name}: {S.profile.dtype}, attention {S.profile.attn_implementation}, "
                   f"padding-free {args.padding_free}, batch {sec.batch_size}x{sec.gradient_accumulation}"
@@ -366,9 +408,12 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=5)
     ap.add_argument("--rows", type=int, default=900)
     ap.add_argument("--profile", default="h100")
-    ap.add_argument("--shape", default="3b", help="3b (the student); tiny with --profile cpu: a smoke run")
+    ap.add_argument("--shape", default="3b", help="3b (the student); 135m (the embedded model); tiny with "
+                    "--profile cpu: a smoke run")
     ap.add_argument("--sitlib-attn", default="sit_varlen")
     ap.add_argument("--set", action="append", help="extra sitlib config KEY=VALUE for the sitlib variants")
+    ap.add_argument("--torch-profile", type=int, default=0, help="N: profile N steps of the sitlib SFT variant "
+                    "after its timed ones (its own file in --out)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ARGS = a = ap.parse_args()
     if os.environ.get("SIT_BENCH_RANDOM_FINGERPRINTS"):

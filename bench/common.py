@@ -14,6 +14,9 @@ SHAPES = {  # Llama-3.1-8B-Instruct (teacher) and Llama-3.2-3B (student), vocab 
                num_key_value_heads=8, tie_word_embeddings=False),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, tie_word_embeddings=True),
+    # SmolLM2-135M-Instruct, the embedded model: what the series trains on the GPU machine
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, tie_word_embeddings=True, vocab_size=49152),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,   # smoke runs
                  num_key_value_heads=2, tie_word_embeddings=True, vocab_size=512),
 }
