@@ -61,10 +61,12 @@ _BF16 = dict(device="cuda", dtype="bfloat16", tf32=True, attn_implementation="si
 # batch 256: 2,088 tok/s vs 1,871 at 128 on the 8B teacher shape (bench/results/generation_8b_*.json).
 # Recipe: half the instructions carry verifiable constraints, answered 8 times each (more rows pass the checks
 # for SFT and give pass/fail pairs for DPO), and DPO at 2e-5 so the LoRA policy moves within its ~25 steps
-# (bench/results/quality_<device>.json is the run of this profile).
+# (bench/results/quality_run_NVIDIA_H200_default_recipe/ is a run of this profile, before lora.dropout 0).
+# lora.dropout 0: as bench_training.py measured sitlib's SFT (no dropout kernels per adapter and step)
 _80GB = {"sft.batch_size": 8, "sft.gradient_accumulation": 3, "dpo.batch_size": 4, "dpo.gradient_accumulation": 4,
          "generation.batch_size": 256, "preference.batch_size": 64, "evaluation.batch_size": 64,
-         "generation.constraint_share": 0.5, "generation.constraint_samples": 8, "dpo.learning_rate": 2e-5}
+         "generation.constraint_share": 0.5, "generation.constraint_samples": 8, "dpo.learning_rate": 2e-5,
+         "lora.dropout": 0.0}
 PROFILES: dict[str, Profile] = {
     # 2 CPU cores: the embedded 135M model as teacher and student, counts small enough for minutes.
     "cpu": Profile("cpu", "cpu", "float32", overrides={
