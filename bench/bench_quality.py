@@ -83,6 +83,8 @@ def quality(output_dir: str | Path, stage_seconds: dict | None = None, recipe: l
             "constrained_repaired": data["generation"].get("constrained_rows_repaired"),
             "kept_after_filter": get("filter", "kept"), "constrained_kept": get("filter", "constrained_kept"),
             "sft_train_rows": get("filter", "sft_train"), "sft_val_rows": get("filter", "sft_val"),
+            # what 05 / 06 trained on: fewer than the files hold under sft.rows / dpo.pairs other than "all"
+            "sft_trained_rows": data["sft"].get("train_rows"), "dpo_trained_pairs": data["dpo"].get("train_pairs"),
             "preference_prompts": get("preference", "prompts"), "preference_pairs": get("preference", "pairs"),
             "dpo_train_pairs": get("preference", "dpo_train"), "dpo_val_pairs": get("preference", "dpo_val"),
             "sft_steps": get("sft", "steps"), "prompt_tuning_steps": get("prompt_tuning", "steps"),

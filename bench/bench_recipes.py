@@ -99,6 +99,8 @@ def run_recipe(tree: Path, root: Path, profile: str, overrides: dict, items: lis
 def parse_recipes(groups: list[list[str]]) -> dict[str, dict]:
     out = {}
     for name, *pairs in groups:
+        if name == "base" or name in out:   # "base" is the folder the base model is scored in
+            sys.exit(f"bench_recipes: --recipe {name}: {'reserved' if name == 'base' else 'named twice'}")
         bad = [p for p in pairs if "=" not in p]
         if bad:
             sys.exit(f"bench_recipes: --recipe {name}: {bad[0]!r} is not KEY=VALUE")

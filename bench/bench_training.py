@@ -157,7 +157,7 @@ def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tok
     ntok = [h[tokens_key] for h in hist if tokens_key in h][:timed]
     t = clock.t[:timed]
     out = {"peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-           "losses": [round(h["loss"], 4) for h in hist if "loss" in h][:20]}
+           "losses": [round(h["loss"], 4) for h in hist if "loss" in h][:min(20, timed or 20)]}
     if err:
         out["error"] = err
     if len(t) > warm + 1 and len(ntok) == len(t):
@@ -263,7 +263,7 @@ def sft_stock_best(path, tok, train, steps, n_params, warm):
                           "LoRA dropout 0, batch 12x2"}
 
 
-def sft_sitlib(S, steps, n_params, warm, section: str = "sft"):
+def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = False):
     """Notebook 05's (or 05b's) blocks: tokenized split, load_model, the config's LoRA/prompt tuning, sft_args."""
     from peft import LoraConfig, PromptTuningConfig
     from trl import SFTTrainer
@@ -273,7 +273,7 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft"):
 
     write_data(S, ARGS.rows)
     tok = load_tokenizer(S.config.models.student)
-    train, val, _ = training.tokenized_sft_split(S, tok)
+    train, val, _ = training.tokenized_sft_split(S, tok, section)
     model = load_model(S.config.models.student, S.profile, for_training=True)
     L = S.config.lora
     peft_cfg = LoraConfig(r=L.r, lora_alpha=L.alpha, lora_dropout=L.dropout, target_modules=list(L.target_modules),
@@ -283,7 +283,8 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft"):
     args.eval_strategy, args.save_strategy = "no", "no"
     clock = Clock()
     extra = []
-    if ARGS.torch_profile:   # N more steps after the timed ones, under the profiler (not in the timing)
+    if profile and ARGS.torch_profile:   # N more steps after the timed ones, under the profiler (not timed; the
+        # schedule then spans steps + N, so its losses differ a little from a run without --torch-profile)
         args.max_steps = steps + ARGS.torch_profile
         extra = [StepProfile(steps, ARGS.torch_profile, Path(ARGS.out) / f"profile_{section}_{ARGS.shape}_"
                              f"{common.device_name().replace(' ', '_')}.txt")]
@@ -413,7 +414,7 @@ def main() -> None:
     ap.add_argument("--sitlib-attn", default="sit_varlen")
     ap.add_argument("--set", action="append", help="extra sitlib config KEY=VALUE for the sitlib variants")
     ap.add_argument("--torch-profile", type=int, default=0, help="N: profile N steps of the sitlib SFT variant "
-                    "after its timed ones (its own file in --out)")
+                    "after its timed ones (profile_sft_<shape>_<device>.txt in --out)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ARGS = a = ap.parse_args()
     if os.environ.get("SIT_BENCH_RANDOM_FINGERPRINTS"):
@@ -441,7 +442,7 @@ def main() -> None:
                "timed_steps_after_warmup": a.steps}
         runs = {"seed_recipe": lambda: sft_seed_recipe(path, tok, train, steps, n_params, a.warm),
                 "stock_best": lambda: sft_stock_best(path, tok, train, steps, n_params, a.warm),
-                "sitlib": lambda: sft_sitlib(fast, steps, n_params, a.warm),
+                "sitlib": lambda: sft_sitlib(fast, steps, n_params, a.warm, profile=True),
                 "sitlib_plain": lambda: sft_sitlib(session(a.profile, "sdpa", False, over, steps), steps,
                                                    n_params, a.warm)}
         for v in a.sft_variants.split(","):

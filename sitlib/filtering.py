@@ -257,6 +257,8 @@ def to_sft(row: dict) -> dict:
         out["constraints"] = [{"id": c["id"], "kwargs": c["kwargs"]} for c in row["constraints"]]
         out["base_instruction"] = row.get("base_instruction", inst)
         out["failed_answers"] = [s["text"] for s in row.get("samples", []) if not s["pass"]]
+        if row.get("repaired"):   # the kept answer is a sample edited by code (generation.constraint_repair)
+            out["repaired"] = True
     return out
 
 

@@ -176,11 +176,14 @@ def finish_row(row: dict, samples: list, repair: bool = False) -> dict:
     good = [c for c in checked if c["pass"] and c["ended"]]
     best, edited = (good[0] if good else checked[0]), None
     if repair and not good:
-        edited = next(((c, e) for c in checked if c["ended"] and (e := repaired(cons, c["text"], task))), None)
-    text = edited[1] if edited else best["text"]
-    return {**row, "response": text, "response_tokens": (edited[0] if edited else best)["n_tokens"],
-            "response_complete": (edited[0] if edited else best)["ended"], "samples": checked,
-            "passing_samples": len(good), "constraint_pass": bool(good or edited), "repaired": edited is not None}
+        edited = next(((i, e) for i, c in enumerate(checked) if c["ended"] and (e := repaired(cons, c["text"], task))),
+                      None)
+    kept = checked[edited[0]] if edited else best
+    # response_tokens: what the teacher wrote (an edit adds a few characters, never tokens it generated)
+    out = {**row, "response": edited[1] if edited else best["text"], "response_tokens": kept["n_tokens"],
+           "response_complete": kept["ended"], "samples": checked, "passing_samples": len(good),
+           "constraint_pass": bool(good or edited), "repaired": edited is not None}
+    return {**out, "repaired_from": edited[0]} if edited else out
 
 
 # Pass 2 hands `generate` this many batches' worth of answers per call: enough for its pool to refill as rows
@@ -377,8 +380,9 @@ def constrained_example(session) -> list[dict]:
     for c in r["constraints"]:
         print(f"  {c['id']}: {c['text']}  kwargs={c['kwargs']}")
     return [{"answer": s["text"][:200], "ended": s["ended"],
-             **{c["id"]: ok for c, ok in zip(r["constraints"], s["passed"])}, "kept": s["text"] == r["response"]}
-            for s in r["samples"]]
+             **{c["id"]: ok for c, ok in zip(r["constraints"], s["passed"])},
+             "kept": "edited by code" if r.get("repaired_from") == i else s["text"] == r["response"]}
+            for i, s in enumerate(r["samples"])]
 
 
 def sample_rows(session, n: int = 5, constrained: Optional[bool] = None) -> list[dict]:

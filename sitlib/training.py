@@ -75,12 +75,15 @@ def _selected(rows: list[dict], keep, path: Path, key: str, choice: str, why_non
 
 def sft_rows(session, section: str = "sft") -> tuple[list[dict], list[dict]]:
     """The (train, val) prompt/completion rows 03 wrote; `<section>.rows` = "constrained" keeps only the rows whose
-    answer passed its code-checked constraints (rejection sampling alone, without the unchecked Magpie rows)."""
+    answer passes its code-checked constraints (as the teacher wrote it, or edited by code where 02 ran with
+    generation.constraint_repair; such rows say "repaired"), without the unchecked Magpie rows."""
     folder, choice = session.paths.data_filtered, getattr(session.config, section).rows
     out = [_rows(folder, name, SFT_PRODUCER) for name in SFT_FILES]
     if choice == "constrained":
-        out = [_selected(rows, lambda r: bool(r.get("constraints")), folder / name, f"{section}.rows", choice,
-                         "rerun 02 with generation.constraint_share > 0, then 03") for rows, name in zip(out, SFT_FILES)]
+        why = ("rerun 02 with generation.constraint_share > 0, then 03",
+               "none was held out: rerun 03 with a larger filter.val_fraction")
+        out = [_selected(rows, lambda r: bool(r.get("constraints")), folder / name, f"{section}.rows", choice, w)
+               for rows, name, w in zip(out, SFT_FILES, why)]
     return out[0], out[1]
 
 
@@ -110,7 +113,7 @@ def preference_split(session):
                                     "(expected prompt/chosen/rejected message lists)")
         if choice != "all":   # only the pairs made by one rule, e.g. pass → chosen, fail → rejected
             rows = _selected(rows, lambda r: r.get("pair_rule") == choice, folder / name, "dpo.pairs", choice,
-                             "no pair was made by that rule: rerun 04 on constrained rows")
+                             f"no pair has pair_rule {choice!r}")
         out.append(Dataset.from_list([{c: r[c] for c in cols} for r in rows]))
     return out[0], out[1]
 

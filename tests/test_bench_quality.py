@@ -45,7 +45,7 @@ def run_tree(tmp_path):
     write_json(tree.evaluation_metrics / "preference_metrics.json",
                {"prompts": 600, "pairs": 500, "dpo_train": 450, "dpo_val": 50})
     for stage, steps in (("sft", 113), ("prompt_tuning", 113), ("dpo", 29)):
-        extra = {"eval_reward_accuracy": 0.75} if stage == "dpo" else {}
+        extra = {"eval_reward_accuracy": 0.75, "train_pairs": 440} if stage == "dpo" else {"train_rows": 9}
         write_json(tree.evaluation_metrics / f"{stage}_metrics.json", {"steps": steps, "profile": "h100", **extra})
     done = {v: benchmark.save_variant(session, v, {}, rows(v, [True, i % 2 == 0, False]))
             for i, v in enumerate(("base", "sft", "prompt_tuning", "dpo"))}
@@ -63,7 +63,8 @@ def test_quality_reads_the_writers_files(run_tree):
     assert q["counts"] == {"instructions_generated": 1500, "constrained_instructions": 450, "constrained_repaired": 12,
                            "kept_after_filter": 10,
                            "constrained_kept": 0,
-                           "sft_train_rows": 9, "sft_val_rows": 1, "preference_prompts": 600,
+                           "sft_train_rows": 9, "sft_val_rows": 1, "sft_trained_rows": 9, "dpo_trained_pairs": 440,
+                           "preference_prompts": 600,
                            "preference_pairs": 500, "dpo_train_pairs": 450, "dpo_val_pairs": 50, "sft_steps": 113,
                            "prompt_tuning_steps": 113, "dpo_steps": 29, "benchmark_items": 3}
     assert q["dpo_eval_reward_accuracy"] == 0.75

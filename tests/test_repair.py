@@ -69,3 +69,52 @@ def test_finish_row_keeps_the_repair_and_the_samples_as_written():
     assert not any(s["pass"] for s in done["samples"])                          # 03 keeps them as failed answers
     passing = magpie.finish_row(row, [Completion(f'"{ANSWER}"', 40, True)], repair=True)
     assert passing["passing_samples"] == 1 and not passing["repaired"]
+
+
+def test_case_is_kept_on_text_another_edit_adds():
+    # lowercase already holds; the end phrase and the title an edit adds must be lowercase as well
+    cons = _cons("change_case:english_lowercase", "startend:end_checker", "detectable_format:title")
+    low = ANSWER.lower()
+    assert constraints.check(cons, low, TASK)[0] and not constraints.passes(cons, low, TASK)
+    fixed = repair.repair(cons, low, TASK)
+    assert fixed is not None and fixed == fixed.lower() and constraints.passes(cons, fixed, TASK)
+
+
+def test_comma_edit_keeps_lines_and_numbers():
+    cons = _cons("punctuation:no_comma")
+    text = "Here are three tips,\n- Save $1,000 a year, then more.\n- Sleep well."
+    assert repair.repair(cons, text, TASK) == "Here are three tips\n- Save $1000 a year then more.\n- Sleep well."
+
+
+def test_an_edit_without_its_kwargs_repairs_nothing():
+    cons = [{"id": "startend:end_checker", "kwargs": {}, "text": "Finish your response with this exact phrase."}]
+    assert repair.repair(cons, ANSWER, TASK) is None
+
+
+def test_answer_rows_repair_only_when_configured(monkeypatch):
+    from sitlib.config import GenerationConfig
+
+    def finished(model, tok, inputs, sampling, batch_size=None, *a, **k):
+        return [Completion(ANSWER, 40, True) for _ in inputs]
+
+    monkeypatch.setattr(magpie, "generate", finished)
+    monkeypatch.setattr(magpie, "chat_input_ids", lambda tok, convs: [[1, 2]] * len(convs))
+    row = {"id": 0, "instruction": TASK + " Wrap your entire response with double quotation marks.",
+           "base_instruction": TASK, "system_prompt": None, "constraints": _cons("startend:quotation"),
+           "instruction_complete": True, "instruction_trimmed": False}
+    for flag in (False, True):
+        cfg = GenerationConfig(batch_size=4, chunk_size=2, constraint_samples=2, constraint_repair=flag)
+        done = [r for batch in magpie.answer_rows(None, None, cfg, [dict(row)], 0) for r in batch]
+        assert [r["repaired"] for r in done] == [flag] and done[0]["constraint_pass"] == flag
+        m = magpie.generation_metrics(done, 1, 80, 1.0, "t", cfg)
+        assert (m["constrained_rows_repaired"], m["constrained_rows_with_a_passing_answer"]) == (int(flag), 0)
+
+
+def test_sft_rows_say_which_answer_code_edited():
+    from sitlib.filtering import to_sft
+
+    base = {"id": 1, "instruction": TASK + " Wrap it in quotes.", "response": f'"{ANSWER}"', "quality_score": 0.9,
+            "base_instruction": TASK, "constraints": _cons("startend:quotation"),
+            "samples": [{"text": ANSWER, "pass": False}]}
+    assert to_sft({**base, "repaired": True})["repaired"] and "repaired" not in to_sft(base)
+    assert to_sft(base)["failed_answers"] == [ANSWER]
