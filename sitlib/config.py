@@ -252,11 +252,24 @@ def load_config(path: str | Path | None = None, profile_overrides: dict | None =
     """config.json (or `path`), then the profile's dotted overrides, then the caller's dotted overrides."""
     path, data = _read_file(path)
     cfg = Config()
-    _merge(cfg, data)
-    for layer in (profile_overrides or {}, overrides or {}):
-        _merge(cfg, _dotted_to_nested(layer))
-    check_ranges(cfg)
+    layers = [(f"{path}: ", data), ("the profile's settings: ", _dotted_to_nested(profile_overrides or {})),
+              ("overrides: ", _dotted_to_nested(overrides or {}))]
+    for where, layer in layers:
+        try:
+            _merge(cfg, layer)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+    check_ranges(cfg, lambda key: next((w for w, layer in reversed(layers) if _has(layer, key)), ""))
     return cfg
+
+
+def _has(nested: dict, dotted: str) -> bool:
+    node = nested
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _at_least(lo):
@@ -319,23 +332,25 @@ RANGES = {
 }
 
 
-def check_ranges(cfg: Config) -> None:
-    """Values of the right type but outside what the stages can use fail here, naming the key and the range."""
+def check_ranges(cfg: Config, where=lambda key: "") -> None:
+    """Values of the right type but outside what the stages can use fail here, naming the key and the range (and,
+    through `where`, the layer that set it: the config file, the profile or the overrides)."""
     for pattern, (ok, allowed) in RANGES.items():
         keys = [pattern.replace("*", s, 1) for s in _TRAINING] if pattern.startswith("*") else [pattern]
         for key in keys:
             section, _, leaf = key.rpartition(".")
             value = getattr(getattr(cfg, section) if section else cfg, leaf)
             if not ok(value):
-                raise ConfigError(f"config key '{key}': {value!r} is out of range (allowed: {allowed})")
+                raise ConfigError(f"{where(key)}config key '{key}': {value!r} is out of range (allowed: {allowed})")
     temps = cfg.preference.temperatures
     if not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
-        raise ConfigError(f"config key 'preference.temperatures': {temps!r} (allowed: a non-empty list of numbers > 0)")
+        raise ConfigError(f"{where('preference.temperatures')}config key 'preference.temperatures': {temps!r} "
+                          "(allowed: a non-empty list of numbers > 0)")
     for kind in ("instruction", "response"):
         lo, hi = getattr(cfg.filter, f"min_{kind}_words"), getattr(cfg.filter, f"max_{kind}_words")
         if lo > hi:
-            raise ConfigError(f"config keys 'filter.min_{kind}_words' ({lo}) and 'filter.max_{kind}_words' ({hi}): "
-                              "the minimum must not exceed the maximum")
+            raise ConfigError(f"{where(f'filter.min_{kind}_words')}config keys 'filter.min_{kind}_words' ({lo}) and "
+                              f"'filter.max_{kind}_words' ({hi}): the minimum must not exceed the maximum")
 
 
 def parse_value(text: str) -> Any:

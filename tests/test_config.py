@@ -126,3 +126,17 @@ def test_boundaries_that_are_allowed():
 def test_min_above_max_words_is_rejected():
     with pytest.raises(ConfigError, match="filter.min_response_words.*must not exceed"):
         load_config(None, None, {"filter.min_response_words": 50, "filter.max_response_words": 10})
+
+
+def test_a_bad_value_names_the_layer_that_set_it(tmp_path):
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps({"sft": {"rows": "bogus"}}))
+    with pytest.raises(ConfigError, match=r"^\S*mine\.json: config key 'sft\.rows': 'bogus' is out of range"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"^overrides: config key 'dpo\.pairs': 'x' is out of range"):
+        load_config(None, {}, {"dpo.pairs": "x"})
+    with pytest.raises(ConfigError, match=r"^the profile's settings: config key 'lora\.r'"):
+        load_config(None, {"lora.r": 0})
+    f.write_text(json.dumps({"sft": {"rowz": "all"}}))
+    with pytest.raises(ConfigError, match=r"^\S*mine\.json: unknown config key 'sft\.rowz'"):
+        load_config(f)
