@@ -1,11 +1,14 @@
 """Training recipes compared on one finished run's data: 05 (SFT) and 06 (DPO) trained again under each recipe's
-overrides through the stages' own building blocks, then scored on the whole suite as 07 scores them.
+overrides (05b, prompt tuning, as well with --variants) through the stages' own building blocks, then scored on
+the whole suite as 07 scores them.
 
-    python bench/bench_recipes.py --tree DIR [--profile h100] --recipe NAME [KEY=VALUE ...] [--recipe ...] [--out DIR]
+    python bench/bench_recipes.py --tree DIR [--profile h100] [--variants sft,dpo,prompt_tuning]
+                                  --recipe NAME [KEY=VALUE ...] [--recipe ...] [--out DIR]
 
 DIR is a finished run's output tree: its data/ (from 02-04) is copied, never written. Each recipe trains in its own
 tree (<work>/<NAME>); the base model is scored once. Writes <out>/recipes_<device>.json: {"device", "profile",
-"tree", "items", "base": summary, "recipes": {NAME: {"overrides", "sft", "dpo", "versus_base", "seconds"}}},
+"tree", "items", "base": summary, "recipes": {NAME: {"overrides", VARIANT: summary + training numbers, "versus_base",
+"seconds"}}},
 each summary as 07 writes it. A quick way to choose the 80 GB profiles' recipe before one full run through
 bench_quality.py confirms it: only the series run's numbers go into quality_<device>.json.
 """
@@ -29,22 +32,25 @@ EMBEDDED = {"models.student": "embedded", "models.teacher": "embedded", "models.
 SUMMARY = ("prompt_level_accuracy", "instruction_level_accuracy", "eos_stop_rate", "mean_output_tokens")
 
 
-def train_sft(S) -> dict:
-    """Notebook 05's steps: rows, LoRA, TRL SFTTrainer, train, evaluate, save (no sample answers, no chat)."""
+def train_sft(S, section: str = "sft") -> dict:
+    """Notebook 05's steps (05b's for section "prompt_tuning"): rows, the adapter, TRL SFTTrainer, train, evaluate,
+    save (no sample answers, no chat)."""
     from sitlib import models, training
 
     tok = models.load_tokenizer(S.config.models.student)
-    train, val, _ = training.tokenized_sft_split(S, tok)
+    train, val, _ = training.tokenized_sft_split(S, tok, section)
     model = models.load_model(S.config.models.student, S.profile, for_training=True)
-    peft_cfg = models.lora_config(S.config.lora)
-    ckpt, final = S.paths.models_sft / "checkpoints", S.paths.models_sft / "final"
-    trainer = training.sft_trainer(model, training.sft_args(S, "sft", ckpt), train, val, tok, peft_cfg)
-    fp = training.sft_fingerprint(S, "sft", train, val, peft_cfg)
-    result = training.run_trainer(trainer, training.prepare_checkpoints(ckpt, fp, S.profile.weights_key), S, "sft")
-    ev = training.evaluate(trainer, S, "sft")
-    return training.finish_training(S, "sft", trainer, tok, result, ev, fp, final,
+    peft_cfg = models.lora_config(S.config.lora) if section == "sft" else \
+        models.prompt_tuning_config(S.config.prompt_tuning, models.resolve_model(S.config.models.student))
+    tree = S.paths.models_sft if section == "sft" else S.paths.models_prompt_tuning
+    ckpt, final = tree / "checkpoints", tree / "final"
+    trainer = training.sft_trainer(model, training.sft_args(S, section, ckpt), train, val, tok, peft_cfg)
+    fp = training.sft_fingerprint(S, section, train, val, peft_cfg)
+    result = training.run_trainer(trainer, training.prepare_checkpoints(ckpt, fp, S.profile.weights_key), S, section)
+    ev = training.evaluate(trainer, S, section)
+    return training.finish_training(S, section, trainer, tok, result, ev, fp, final,
                                     data_sizes={"train_rows": len(train), "val_rows": len(val)},
-                                    peft_cfg=peft_cfg, extra={"method": "lora"})
+                                    peft_cfg=peft_cfg, extra={"method": "lora" if section == "sft" else section})
 
 
 def train_dpo(S) -> dict:
@@ -76,7 +82,8 @@ def score(S, names: list[str], items: list[dict]) -> dict:
             for n, model, tok in variants.iter_variants(S, names)}
 
 
-def run_recipe(tree: Path, root: Path, profile: str, overrides: dict, items: list[dict], base: dict) -> dict:
+def run_recipe(tree: Path, root: Path, profile: str, overrides: dict, items: list[dict], base: dict,
+               variants: list[str]) -> dict:
     import sitlib
     from sitlib import benchmark
 
@@ -84,13 +91,15 @@ def run_recipe(tree: Path, root: Path, profile: str, overrides: dict, items: lis
     shutil.copytree(tree / "data", root / "data")
     S = sitlib.setup(profile, str(root), None, overrides, verbose=False, models=("student",))
     t = time.perf_counter()
-    sft, dpo = train_sft(S), train_dpo(S)
-    done = {"base": base, **score(S, ["sft", "dpo"], items)}
+    trained = {}
+    for name in variants:   # in this order: DPO starts from the SFT adapter
+        trained[name] = train_dpo(S) if name == "dpo" else train_sft(S, name)
+    done = {"base": base, **score(S, variants, items)}
     keep = ("steps", "train_rows", "train_pairs", "train_loss", "eval_loss", "eval_reward_accuracy",
             "eval_reward_margin", "runtime_seconds")
     return {"overrides": overrides,
             **{n: {**{k: done[n]["summary"][k] for k in SUMMARY},
-                   **{k: m[k] for k in keep if k in m}} for n, m in (("sft", sft), ("dpo", dpo))},
+                   **{k: m[k] for k in keep if k in m}} for n, m in trained.items()},
             "versus_base": [{k: c[k] for k in ("variant", "points", "won", "lost", "sign_test_p")}
                             for c in benchmark.versus_base(done)],
             "seconds": round(time.perf_counter() - t, 1)}
@@ -113,10 +122,16 @@ def main() -> None:
     ap.add_argument("--tree", required=True, help="a finished run's output tree (its data/ is reused)")
     ap.add_argument("--profile", default="h100")
     ap.add_argument("--recipe", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE]")
+    ap.add_argument("--variants", default="sft,dpo", help="trained and scored per recipe: sft, dpo (needs sft), "
+                    "prompt_tuning")
     ap.add_argument("--work", default=None, help="where each recipe's tree goes (default: a temporary folder)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
     recipes, tree = parse_recipes(a.recipe), Path(a.tree)
+    order = ("sft", "prompt_tuning", "dpo")
+    variants = [v for v in order if v in a.variants.split(",")]
+    if not variants or set(a.variants.split(",")) - set(order) or ("dpo" in variants and "sft" not in variants):
+        sys.exit(f"bench_recipes: --variants {a.variants!r}: name some of {', '.join(order)} (dpo needs sft)")
     if not (tree / "data" / "filtered" / "sft_train.jsonl").exists():
         sys.exit(f"bench_recipes: {tree} has no data/filtered/sft_train.jsonl (run 02-04 into it first)")
     work = Path(a.work or tempfile.mkdtemp(prefix="sit-recipes-"))
@@ -131,7 +146,7 @@ def main() -> None:
             "base": {k: base["summary"][k] for k in SUMMARY}, "recipes": {}}
     name = "".join(c if c.isalnum() else "_" for c in body["device"]).strip("_")
     for rname, overrides in recipes.items():
-        body["recipes"][rname] = run_recipe(tree, work / rname, a.profile, overrides, items, base)
+        body["recipes"][rname] = run_recipe(tree, work / rname, a.profile, overrides, items, base, variants)
         path = write_json(Path(a.out) / f"recipes_{name}.json", body)   # after each recipe: a cut run keeps some
         print(f"[{rname}] {json.dumps(body['recipes'][rname])}", flush=True)
     print(path)
