@@ -21,7 +21,7 @@ import torch
 from .artifacts import read_json, read_jsonl, write_json, write_metrics
 from .errors import BadInputError, HubAccessError, OutOfMemoryError
 from .figures import training_curves
-from .generation import Sampling, chat_input_ids, generate, is_prompt_learning, soft_prompt_inputs
+from .generation import Sampling, chat_input_ids, generate
 
 # resume point of a run: same fingerprint → newest complete checkpoint; other weights (a profile switch) → moved
 # aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
@@ -433,24 +433,18 @@ def side_by_side(**answers: list[dict]):
 
 
 def chat(model, tok, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0) -> str:
-    """One chat turn, printed as it is generated; temperature 0 = greedy."""
-    from transformers import TextStreamer
-
-    peft_model, was_training = model, model.training
+    """One chat turn, printed when done; temperature 0 = greedy. Through sitlib's generation, as the sample answers
+    above: in an H200 series run transformers' `generate` with a token streamer took 13.5-22.1 s for this one answer
+    in 05/05b/06, where three sample answers took 1.8-3.0 s in 05 and 06
+    (bench/results/quality_run_NVIDIA_H200/cell_seconds.json)."""
+    was_training = model.training
     model.eval()
-    ids = chat_input_ids(tok, [[{"role": "user", "content": prompt}]])[0]
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    x = torch.tensor([ids], device=next(model.parameters()).device)
-    inputs = {"input_ids": x, "attention_mask": torch.ones_like(x)}
-    kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
-    with torch.inference_mode():
-        if is_prompt_learning(model):   # the base model decodes from the soft prompt's embeddings (see generation)
-            model, inputs = model.get_base_model(), soft_prompt_inputs(model, x, inputs["attention_mask"])
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, streamer=streamer, **kw)
-    new = out[0, x.shape[1]:].tolist() if "input_ids" in inputs else out[0].tolist()
-    peft_model.train(was_training)
-    return tok.decode(new, skip_special_tokens=True).strip()
+    inputs = chat_input_ids(tok, [[{"role": "user", "content": prompt}]])
+    sampling = Sampling(max_new_tokens, temperature, 0.95) if temperature > 0 else Sampling.greedy(max_new_tokens)
+    reply = generate(model, tok, inputs, sampling, batch_size=1)[0].text.strip()
+    model.train(was_training)
+    print(reply)
+    return reply
 
 
 # ---------------------------------------------------------------- save

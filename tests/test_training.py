@@ -293,6 +293,8 @@ def test_prompt_tuned_answers_match_full_forward_decoding(tiny_model_dir):
         if tok.eos_token_id in want:
             want = want[: want.index(tok.eos_token_id)]
         assert g["answer"] == tok.decode(want, skip_special_tokens=True).strip()
+    model.train()   # the chat cell follows training: it answers greedily in eval mode, then gives the mode back
+    assert training.chat(model, tok, prompts[2], max_new_tokens=12) == got[2]["answer"] and model.training
 
 
 def test_sft_fingerprint_is_the_same_in_every_process(tmp_path, tiny_model_dir):
