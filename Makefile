@@ -36,6 +36,7 @@ executed-notebooks: setup
 	mkdir -p docs/executed
 	rm -f docs/executed/*.ipynb
 	cp $$(ls -d $(EXECUTED_OUT)/runs/*/ | sort | tail -n 1)*.ipynb docs/executed/
+	sed -i 's#$(CURDIR)/#./#g' docs/executed/*.ipynb   # paths as seen from the checkout, not this machine's
 	@ls docs/executed
 
 bench: setup
