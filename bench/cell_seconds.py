@@ -20,11 +20,11 @@ from sitlib.artifacts import write_json  # noqa: E402
 def cell_seconds(run_dir: Path, top: int) -> dict:
     out = {}
     for nb in sorted(Path(run_dir).glob("*.ipynb")):
-        cells = [{"seconds": round(c["metadata"].get("papermill", {}).get("duration") or 0.0, 1),
-                  "cell": "".join(c["source"]).split("\n")[0][:100]}
-                 for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
-        out[nb.stem] = {"total_seconds": round(sum(c["seconds"] for c in cells), 1),
-                        "cells": sorted(cells, key=lambda c: -c["seconds"])[:top or None]}
+        code = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+        secs = [c["metadata"].get("papermill", {}).get("duration") or 0.0 for c in code]
+        cells = [{"seconds": round(t, 1), "cell": "".join(c["source"]).split("\n")[0][:100]}
+                 for c, t in sorted(zip(code, secs), key=lambda x: -x[1])]
+        out[nb.stem] = {"total_seconds": round(sum(secs), 1), "cells": cells[:top or None]}
     if not out:
         sys.exit(f"cell_seconds: no executed notebook in {run_dir} (a run folder is <output tree>/runs/<timestamp>/)")
     return out

@@ -1,0 +1,43 @@
+"""The small bench helpers that read a run: recipe arguments (bench_recipes.py) and per-cell seconds (cell_seconds.py)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_recipes_parse_values_and_refuse_bad_names():
+    rec = load("bench_recipes")
+    got = rec.parse_recipes([["now"], ["c6", "sft.rows=constrained", "sft.epochs=6", "dpo.learning_rate=5e-5"]])
+    assert got["now"] == rec.EMBEDDED
+    assert got["c6"] == {**rec.EMBEDDED, "sft.rows": "constrained", "sft.epochs": 6, "dpo.learning_rate": 5e-5}
+    for groups, why in (([["base"]], "reserved"), ([["a"], ["a"]], "named twice"), ([["a", "sft.epochs"]], "KEY=VALUE")):
+        with pytest.raises(SystemExit, match=why):
+            rec.parse_recipes(groups)
+
+
+def test_cell_seconds_reads_papermill_durations_slowest_first(tmp_path):
+    def cell(src, seconds):
+        return {"cell_type": "code", "source": [src], "metadata": {"papermill": {"duration": seconds}}}
+
+    nb = {"cells": [cell("a = 1\nb = 2", 0.25), {"cell_type": "markdown", "source": ["# x"], "metadata": {}},
+                    cell("train()", 41.04), cell("plot()", None)]}
+    (tmp_path / "05_sft_training.ipynb").write_text(json.dumps(nb))
+    got = load("cell_seconds").cell_seconds(tmp_path, 0)
+    assert got == {"05_sft_training": {"total_seconds": 41.3, "cells": [
+        {"seconds": 41.0, "cell": "train()"}, {"seconds": 0.2, "cell": "a = 1"}, {"seconds": 0.0, "cell": "plot()"}]}}
+    assert load("cell_seconds").cell_seconds(tmp_path, 1)["05_sft_training"]["cells"] == [
+        {"seconds": 41.0, "cell": "train()"}]
+    with pytest.raises(SystemExit, match="no executed notebook"):
+        load("cell_seconds").cell_seconds(tmp_path / "empty", 0)
