@@ -411,13 +411,19 @@ def sample_tokens(cfg) -> int:
     return cfg.evaluation.max_new_tokens
 
 
-def sample_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """Greedy answers to single-turn prompts through the chat template."""
+def _answers(model, tok, prompts: list[str], sampling: Sampling) -> list:
+    """Completions of single-turn prompts through the chat template, in eval mode; the model's mode is given back."""
     was_training = model.training
     model.eval()
     inputs = chat_input_ids(tok, [[{"role": "user", "content": p}] for p in prompts])
-    outs = generate(model, tok, inputs, Sampling.greedy(max_new_tokens), batch_size=len(prompts) or 1)
+    outs = generate(model, tok, inputs, sampling, batch_size=len(prompts) or 1)
     model.train(was_training)
+    return outs
+
+
+def sample_answers(model, tok, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """Greedy answers to single-turn prompts through the chat template."""
+    outs = _answers(model, tok, prompts, Sampling.greedy(max_new_tokens))
     return [{"prompt": p, "answer": o.text, "stopped_on_eos": o.ended, "new_tokens": o.n_tokens}
             for p, o in zip(prompts, outs)]
 
@@ -437,12 +443,8 @@ def chat(model, tok, prompt: str, max_new_tokens: int = 128, temperature: float 
     above: in an H200 series run transformers' `generate` with a token streamer took 13.5-22.1 s for this one answer
     in 05/05b/06, where three sample answers took 1.8-3.0 s in 05 and 06
     (bench/results/quality_run_NVIDIA_H200/cell_seconds.json)."""
-    was_training = model.training
-    model.eval()
-    inputs = chat_input_ids(tok, [[{"role": "user", "content": prompt}]])
     sampling = Sampling(max_new_tokens, temperature, 0.95) if temperature > 0 else Sampling.greedy(max_new_tokens)
-    reply = generate(model, tok, inputs, sampling, batch_size=1)[0].text.strip()
-    model.train(was_training)
+    reply = _answers(model, tok, [prompt], sampling)[0].text.strip()
     print(reply)
     return reply
 
