@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import SHAPES, mfu, random_model, record, sync  # noqa: E402
 
 from sitlib.generation import BlockFirstTokens, Sampling, _generate_hf_batches, generate  # noqa: E402
+from sitlib import generation as G  # noqa: E402
 
 
 class IdTokenizer:
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=256)
     ap.add_argument("--pool-rows", default="auto,256", help="sitlib pool sizes to time: auto (memory) and/or numbers")
     ap.add_argument("--seed-new", type=int, default=16, help="new tokens for the (slow) original way")
+    ap.add_argument("--sdpa-variant", action="store_true",
+                    help="also time the pool with SDPA in its decode step (sitlib's decode kernel off)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
 
@@ -119,6 +122,17 @@ def main() -> None:
         out, dt = timed(lambda: generate(model, tok, prompts, samp, size, [block]))
         report("sitlib" if rows == "auto" else f"sitlib_rows{rows}", sum(c.n_tokens for c in out), dt,
                peak_gb=peak_gb(), rows_in_flight=size or "auto (free memory)")
+    # the same pool (auto rows) with transformers' SDPA in the decode step instead of sitlib's Triton kernel
+    if a.sdpa_variant:
+        G.DECODE_KERNEL = False
+        try:
+            generate(model, tok, prompts[:a.hf_batch], samp, None, [block])
+            reset_peak()
+            out, dt = timed(lambda: generate(model, tok, prompts, samp, None, [block]))
+        finally:
+            G.DECODE_KERNEL = True
+        report("sitlib_sdpa_decode", sum(c.n_tokens for c in out), dt, peak_gb=peak_gb(),
+               rows_in_flight="auto (free memory)")
     hf = res[f"hf_generate_bs{a.hf_batch}"]["tok_per_s"]
     res["sitlib_over_hf_generate"] = round(res[next(k for k in res if k.startswith("sitlib"))]["tok_per_s"] / hf, 2)
     # the issue's file names the stock entry hf_generate_bs256

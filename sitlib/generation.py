@@ -9,12 +9,15 @@ hybrid caches) go through `generate` of transformers in length-sorted batches, w
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
+
+from . import decode_attention
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,9 @@ def _gumbel_argmax(logits: torch.Tensor) -> torch.Tensor:
 # weights, attention that takes an additive mask), the live window eagerly elsewhere; True/False force the static or the eager step (on CPU the static step runs without
 # graphs: tests use it).
 STATIC_DECODE: Optional[bool] = None
+# The static step's attention: sitlib's Triton decode kernel where it runs (decode_attention.py), else transformers'
+# SDPA path; False keeps SDPA everywhere (benchmarks time both).
+DECODE_KERNEL = True
 
 _META = (("pos", torch.long), ("n", torch.long), ("limit", torch.long), ("temp", torch.float32),
          ("top_p", torch.float32), ("sample", torch.bool), ("last", torch.long), ("gen_col", torch.long))
@@ -431,9 +437,11 @@ class _Pool:
         attend = self.mask[:rows, :width].bool().index_fill(1, self.col, True)
         bias = torch.zeros(attend.shape, dtype=self.mask_dtype, device=self.device).masked_fill(
             ~attend, torch.finfo(self.mask_dtype).min)
-        out = self.model(input_ids=self.meta["last"][:rows].unsqueeze(1), attention_mask=bias[:, None, None, :],
-                         position_ids=self.meta["pos"][:rows].unsqueeze(1), past_key_values=self.cache,
-                         use_cache=True)
+        kernel = decode_attention.active(self.model) if DECODE_KERNEL else contextlib.nullcontext()
+        with kernel:
+            out = self.model(input_ids=self.meta["last"][:rows].unsqueeze(1), attention_mask=bias[:, None, None, :],
+                             position_ids=self.meta["pos"][:rows].unsqueeze(1), past_key_values=self.cache,
+                             use_cache=True)
         return out.logits[:, -1]
 
     def _static_step(self, col: int) -> torch.Tensor:
@@ -526,8 +534,6 @@ def pool_columns(inputs: list[list[int]], per_row: Sequence[Sampling]) -> int:
 def _decode_kernels(device: torch.device):
     """SDPA without its cuDNN backend on CUDA. cuDNN builds an execution plan for every new (rows, length) shape,
     and in the pool both change at every step; the memory-efficient and flash kernels need no plan."""
-    import contextlib
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

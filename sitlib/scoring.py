@@ -15,6 +15,12 @@ class Scorer(Protocol):
     def score(self, prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]: ...
 
 
+# (prompt, answer) pairs the reward model scores at once. preference.batch_size caps the generation pool, whose
+# rows are sized by free memory; the reward model's attention grows with the square of a pair's length, and at
+# 1,024 pairs of 768 tokens it ran out of memory on an emulated 80 GB card (bench/bench_memory.py)
+REWARD_BATCH = 64
+
+
 class RewardModelScorer:
     """OpenAssistant/reward-model-deberta-v3-large-v2: a logit for (question, answer); higher is better."""
 
@@ -86,7 +92,7 @@ def build_scorer(session, student=None) -> Scorer:
         from .models import load_reward_model
 
         model, tok = load_reward_model(session.config.models.reward, session.profile)
-        return RewardModelScorer(model, tok, session.config.preference.batch_size)
+        return RewardModelScorer(model, tok, min(session.config.preference.batch_size, REWARD_BATCH))
     if kind == "offline":
         from .models import load_model, load_tokenizer
 

@@ -1,0 +1,115 @@
+"""sitlib.decode_attention: the Triton decode kernel equals SDPA on left-padded, strided, grouped K/V (GPU), the
+pool's static step uses it on half-precision GPU models, and the model's attention setting is always restored."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sitlib import decode_attention as DA
+from sitlib import generation as G
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a GPU")
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, attn="sdpa"):
+        super().__init__()
+        self.w = torch.nn.Linear(2, 2)
+        self.config = type("C", (), {"_attn_implementation": attn})()
+
+
+def test_active_changes_nothing_where_the_kernel_cannot_run():
+    model = _Model()   # float32 on the CPU
+    with DA.active(model):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_active_restores_the_setting_after_an_error(monkeypatch):
+    monkeypatch.setattr(DA, "available", lambda device, dtype: True)
+    for attn in ("sdpa", "sit_varlen"):
+        model = _Model(attn)
+        with pytest.raises(KeyError):
+            with DA.active(model):
+                assert model.config._attn_implementation == DA.NAME
+                raise KeyError("inside")
+        assert model.config._attn_implementation == attn
+    model = _Model("eager")   # eager attention is left alone (it is what a user asked for)
+    with DA.active(model):
+        assert model.config._attn_implementation == "eager"
+
+
+def test_calls_the_kernel_cannot_take_go_to_sdpa():
+    """CPU tensors, a prefill (several query tokens), no mask: transformers' SDPA path, unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    q, k, v = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 64)
+    bias = torch.zeros(2, 1, 1, 5)
+    bias[0, ..., :2] = torch.finfo(torch.float32).min
+    assert not DA.fits(q, k, v, bias)
+    ours, _ = DA.sit_decode_attention(module, q, k, v, bias)
+    ref, _ = sdpa_attention_forward(module, q, k, v, bias)
+    assert torch.equal(ours, ref)
+
+
+def _reference(q, k, v, bias, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.float().repeat_interleave(groups, dim=1) for t in (k, v))
+    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=bias.float(), scale=scale)
+    return out.transpose(1, 2)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,heads,kv_heads,dim,width,cols", [(5, 9, 3, 64, 70, 96), (7, 32, 8, 128, 200, 257),
+                                                                 (3, 4, 4, 64, 64, 64), (2, 8, 1, 128, 1, 9)])
+def test_kernel_equals_sdpa(dtype, rows, heads, kv_heads, dim, width, cols):
+    """Keys and values are column slices of larger buffers (as the pool's); each row sees its own window of
+    columns (left padding, and the bucket's columns past the step masked on the right; one row sees only the last
+    column, one a single column in the middle), so whole blocks are skipped; widths not a multiple of the block."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    q = torch.randn(rows, heads, 1, dim, device=dev, dtype=dtype)
+    kbuf = torch.randn(rows, kv_heads, cols, dim, device=dev, dtype=dtype)
+    vbuf = torch.randn(rows, kv_heads, cols, dim, device=dev, dtype=dtype)
+    k, v = kbuf[:, :, :width], vbuf[:, :, :width]
+    start = torch.randint(0, width, (rows,), device=dev)
+    start[0] = width - 1
+    stop = start + 1 + ((width - start) * torch.rand(rows, device=dev)).long().clamp(max=width - 1 - start)
+    stop[-1] = start[-1] + 1   # one row sees a single column in the middle
+    cols_idx = torch.arange(width, device=dev)[None, :]
+    hidden = (cols_idx < start[:, None]) | (cols_idx >= stop[:, None])
+    bias = torch.zeros(rows, 1, 1, width, device=dev, dtype=dtype).masked_fill(hidden[:, None, None, :],
+                                                                               torch.finfo(dtype).min)
+    scale = dim ** -0.5
+    assert DA.fits(q, k, v, bias)
+    out = DA.decode(q, k, v, bias, scale)
+    assert out.shape == (rows, 1, heads, dim)
+    torch.testing.assert_close(out.float(), _reference(q, k, v, bias, scale), atol=2e-2, rtol=2e-2)
+
+
+@gpu
+def test_the_pools_static_step_runs_the_kernel(tiny_model_dir, monkeypatch):
+    """A half-precision model on the GPU: the graph pool's decode goes through the kernel, and greedy rows equal
+    the same pool with SDPA on nearly every prompt (bf16 rounding may flip a near-tie)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token, tok.padding_side = "<|endoftext|>", "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16).cuda().eval()
+    calls = []
+    real = DA.decode
+    monkeypatch.setattr(DA, "decode", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(2, 24, (16,), generator=g)]
+    runs = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(G, "DECODE_KERNEL", kernel)
+        runs[kernel] = G.generate(model, tok, inputs, G.Sampling.greedy(24), batch_size=6)
+    assert calls, "the static step did not use the decode kernel"
+    assert model.config._attn_implementation == "sdpa"
+    same = sum(a.text == b.text for a, b in zip(runs[True], runs[False]))
+    assert same >= len(inputs) - 2, same
