@@ -2,9 +2,10 @@
 
 In that step transformers' SDPA path runs PyTorch's memory-efficient kernel, which tiles 64 queries per block;
 a decode call has one query per head (4 per KV head with GQA), so most of each tile is padding. On an H200 it
-took 266 us per layer at 512 rows of the 8B shape and 237 us at 1024 rows of the 135M shape, the largest single
-cost of the step (bench/results/profile_pool_*.json). The Triton kernel here runs one program per (row, KV head):
-all query heads of the group in one tile, keys and values read once, an online softmax over blocks of columns.
+took 267 us per layer at 512 rows of the 8B shape and 238 us at 1,024 rows of the 135M shape, the largest single
+kernel of the step. The Triton kernel here runs one program per (row, KV head): all query heads of the group in
+one tile, keys and values read once, an online softmax over blocks of columns, blocks of padding skipped. It took
+123 and 84 us there (bench/results/profile_pool_{8b,135m}_NVIDIA_H200.json).
 SDPA's flash kernel takes no mask, and the varlen kernel wants keys packed by token, not the pool's
 [rows, heads, columns, dim] buffers; hence a kernel of our own.
 
