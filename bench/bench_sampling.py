@@ -44,12 +44,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     n = a.rows
     ones = torch.ones(n, device=a.device)
-    res: dict = {"rows": n, "vocab": a.vocab, "top_p": 0.95, "temperature": 1.0}
+    # the pool sorts the model's own 16-bit logits as keys on a GPU (a bf16 model), float32 ones on the CPU
+    key = torch.bfloat16 if a.device.startswith("cuda") else None
+    res: dict = {"rows": n, "vocab": a.vocab, "top_p": 0.95, "temperature": 1.0, "sort_keys": str(key)}
     # scale 1: nearly flat (random weights); scale 6: nuclei of a few to a few hundred tokens
     for name, scale in (("flat", 1.0), ("peaked", 6.0)):
         scores = (torch.randn(n, a.vocab, generator=g) * scale).to(a.device)
         for k in (0, 256):
-            ms = ms_per_call(lambda: _choose(scores, ones, ones * 0.95, ones.bool(), True, True, None, k), a.repeats)
+            ms = ms_per_call(lambda: _choose(scores, ones, ones * 0.95, ones.bool(), True, True, key, k), a.repeats)
             res[f"{name}_top_k_first_{k}_ms"] = ms
             print(name, k, ms, "ms", flush=True)
     record(f"sampling_{a.device}", res, a.out)

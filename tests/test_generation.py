@@ -357,3 +357,24 @@ def test_top_k_first_mixes_rows_that_fit_and_rows_that_do_not():
     assert torch.allclose(freq(picks[0::3]), torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015)
     assert torch.allclose(freq(picks[1::3]), torch.tensor([0.3, 0.25, 0.25, 0.2]) / 1.0, atol=0.015)
     assert torch.equal(picks[2::3], torch.zeros(n, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kind,keeps_top_k", [("peaked", True), ("flat", False)])
+def test_the_pool_sorts_whole_once_most_rows_fall_back(lm, kind, keeps_top_k):
+    """Looking among the top k first pays only where nuclei are small: after a step in which most sampled rows
+    reach past the top k (flat logits), the pool's call sorts whole; peaked logits keep the top-k path."""
+    model, tok = lm
+    s = G.Sampling(4, 1.0, 0.9)
+    inputs = _prompts(6, seed=2)
+    with torch.inference_mode():
+        pool = G._Pool(model, tok, G.eos_ids(model, tok), 6, G.pool_columns(inputs, [s]), [], [s] * 6)
+        pool.admit([(i, p, s) for i, p in enumerate(sorted(inputs, key=len, reverse=True))])
+        pool.top_k_first = 4   # of the tiny model's vocabulary
+        vocab = model.config.vocab_size
+        logits = torch.zeros(6, vocab)
+        if kind == "peaked":
+            logits[:, :3] = 20.0
+        ids = pool.ids[:6, pool.start:pool.end]
+        picks = pool._pick(logits, ids, slice(0, 6))
+    assert (pool.top_k_first == 4) is keeps_top_k
+    assert picks.shape == (6,) and (kind == "flat" or bool((picks < 3).all()))
