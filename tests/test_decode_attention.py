@@ -92,14 +92,21 @@ def test_kernel_equals_sdpa(dtype, rows, heads, kv_heads, dim, width, cols):
 
 
 @gpu
-def test_the_pools_static_step_runs_the_kernel(tiny_model_dir, monkeypatch):
-    """A half-precision model on the GPU: the graph pool's decode goes through the kernel, and greedy rows equal
-    the same pool with SDPA on nearly every prompt (bf16 rounding may flip a near-tie)."""
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_the_pools_static_step_runs_the_kernel(tiny_model_dir, monkeypatch, lora):
+    """A half-precision model on the GPU, plain or with a LoRA adapter (07 evaluates adapters): the graph pool's
+    decode goes through the kernel, and greedy rows equal the same pool with SDPA on nearly every prompt (half
+    precision rounding may flip a near-tie)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.pad_token, tok.padding_side = "<|endoftext|>", "left"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16).cuda().eval()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False)).eval()
     calls = []
     real = DA.decode
     monkeypatch.setattr(DA, "decode", lambda *a: calls.append(1) or real(*a))
