@@ -17,6 +17,10 @@ from .errors import BadInputError
 SUITE = Path(__file__).parent / "data" / "benchmark.jsonl"
 OFFICIAL_DATASET = "google/IFEval"
 
+# lm-eval's hf model scores whole sequences (logits over the vocabulary for every token), unlike the generation
+# pool, which is sized by free memory: it keeps the batch the 80 GB profiles had before their pools grew (64)
+LM_EVAL_BATCH = 64
+
 
 def _valid(item: dict, path: Path, n: int) -> dict:
     from .checks import INSTRUCTION_DICT
@@ -299,7 +303,8 @@ def lm_eval_results(session) -> dict:
         args = f"pretrained={base}" + ("" if name == "base" else f",peft={adapter_dir(session, name)}")
         try:
             res = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=list(ev.lm_eval_tasks),
-                                          limit=ev.lm_eval_limit or None, batch_size=ev.batch_size)
+                                          limit=ev.lm_eval_limit or None,
+                                          batch_size=min(ev.batch_size, LM_EVAL_BATCH))
         except Exception as e:   # no network, unknown task: say so, never fill in a number
             return {"status": f"skipped: lm-eval failed ({type(e).__name__}: {e})"}
         out["models"][name] = res["results"]

@@ -48,8 +48,8 @@ def _kernel():
     def decode(Q, K, V, Bias, Out, scale, masked, W,
                sqb, sqh, skb, skh, skn, svb, svh, svn, sbb, sob, soh,
                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)                       # the KV head; its G query heads share the tile
+        b = tl.program_id(0).to(tl.int64)          # row offsets pass 2**31 elements in large pools
+        h = tl.program_id(1).to(tl.int64)                      # the KV head; its G query heads share the tile
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
         live = g < G
@@ -90,20 +90,25 @@ def decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: to
     groups = heads // kv_heads
     out = torch.empty(rows, 1, heads, dim, dtype=query.dtype, device=query.device)
     q, o, bias = query[:, :, 0], out[:, 0], bias.reshape(rows, width)
-    _kernel()[(rows, kv_heads)](
-        q, key, value, bias, o, scale, torch.finfo(bias.dtype).min / 2, width,
-        q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), bias.stride(0), o.stride(0), o.stride(1),
-        G=groups, GP=max(16, 1 << (groups - 1).bit_length()), D=dim, BN=BLOCK_N, num_warps=NUM_WARPS)
+    with torch.cuda.device(query.device):   # Triton launches on the current device and its stream
+        _kernel()[(rows, kv_heads)](
+            q, key, value, bias, o, scale, torch.finfo(bias.dtype).min / 2, width,
+            q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2), bias.stride(0), o.stride(0), o.stride(1),
+            G=groups, GP=max(16, 1 << (groups - 1).bit_length()), D=dim, BN=BLOCK_N, num_warps=NUM_WARPS)
     return out
 
 
 def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """A one-token step with a [B, 1, 1, W] float mask, a head dim the tile takes (a power of two, 16-256), where
-    the kernel can run."""
-    return (query.shape[2] == 1 and bias is not None and bias.dim() == 4 and bias.shape[1] == bias.shape[2] == 1
-            and bias.is_floating_point() and query.shape[-1] in (16, 32, 64, 128, 256)
-            and query.shape[1] % key.shape[1] == 0 and key.stride(-1) == 1 and value.stride(-1) == 1
+    """A one-token step with a [B, 1, 1, W] float mask of its own per row, one dtype and head dim for query, keys
+    and values (a power of two, 16-256, as the tile takes), contiguous last dims, where the kernel can run."""
+    rows, heads, steps, dim = query.shape
+    return (steps == 1 and bias is not None and bias.is_floating_point()
+            and tuple(bias.shape) == (rows, 1, 1, key.shape[2]) and bias.stride(-1) == 1
+            and key.shape[0] == value.shape[0] == rows and key.shape[1:] == value.shape[1:]
+            and dim in (16, 32, 64, 128, 256) and key.shape[-1] == dim and heads % key.shape[1] == 0
+            and query.dtype == key.dtype == value.dtype
+            and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
             and available(query.device, query.dtype))
 
 
@@ -111,7 +116,8 @@ def sit_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
                          attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                          scaling: Optional[float] = None, **kwargs):
     """transformers attention function: the kernel for a masked one-token step, SDPA's path for anything else."""
-    if fits(query, key, value, attention_mask) and not (module.training and dropout):
+    plain = not any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux", "sinks"))
+    if plain and fits(query, key, value, attention_mask) and not (module.training and dropout):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return decode(query, key, value, attention_mask, scale), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -136,7 +142,9 @@ def active(model):
     config = getattr(model, "config", None)
     before = getattr(config, "_attn_implementation", None)
     param = next(model.parameters())
-    if before not in ("sdpa", "sit_varlen") or not available(param.device, param.dtype):
+    # configs with sub-configs (multimodal) would have each sub-config's own setting overwritten on restore
+    if (before not in ("sdpa", "sit_varlen") or getattr(config, "sub_configs", None)
+            or not available(param.device, param.dtype)):
         yield
         return
     register()

@@ -233,7 +233,7 @@ def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
     are sorted whole): on 2 CPU cores, 16 rows of a 49k vocabulary with peaked logits, a full sort took 55 ms per step
     and top-256 first 2.4 ms; on flat logits every row falls back (61 vs 54 ms; bench/bench_sampling.py). On an
     H200 (bf16 keys): 1.5 vs 4.0 ms at 1,024 rows of 49k, 2.1 vs 5.1 ms at 512 rows of 128k; flat 5.5 vs 4.0 and
-    6.9 vs 5.1. `fallback`, when given, gets the share of rows that were sorted whole appended."""
+    6.9 vs 5.1. `fallback`, when given, gets the share of sampled rows that were sorted whole appended."""
     greedy = scores.argmax(dim=-1)
     if not (bool(sample.any()) if any_sample is None else any_sample):
         return greedy
@@ -246,7 +246,7 @@ def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
         probs = (logits - torch.logsumexp(scores / temp, dim=-1, keepdim=True)).exp()   # of the whole vocabulary
         picked = _nucleus_pick(logits, probs, idx, top_p)
         full = sample & (probs.sum(-1) <= top_p)   # nuclei reaching past the top k
-        share = float(full.float().mean())          # one sync, as `any` would be
+        share = float(full.sum() / sample.sum().clamp(min=1))   # of the sampled rows; one sync, as `any` was
         if fallback is not None:
             fallback.append(share)
         if share > 0:
@@ -322,9 +322,14 @@ class _Pool:
         self.graphs: Optional[dict] = {}            # (rows, width) -> CUDAGraph; None once a capture failed
         self.graph_pool = None
         self.logits: Optional[torch.Tensor] = None   # every graph's logits land here
-        # nuclei searched among the top 256 first (a trained model's nuclei are small); once most rows of a step
-        # reach past them (flat logits: random weights, high temperatures) the call sorts whole, which then costs less
+        # nuclei searched among the top 256 first (a trained model's nuclei are small). On a GPU, once most sampled
+        # rows reached past them for `sort_whole_after` steps in a row (flat logits: random weights), the call sorts
+        # whole: flat logits cost 5.5 ms that way against 4.0 sorted whole, peaked ones 1.5 against 4.0 (1,024 rows
+        # of 49k on an H200). A few flat steps (a Magpie instruction's first words) must not switch it off; on a
+        # CPU it stays on (flat 61 against 54 ms, peaked 2.4 against 55).
         self.top_k_first = 256
+        self.sort_whole_after: Optional[int] = 16 if self.device.type == "cuda" else None
+        self.flat_steps = 0
         self.mask_dtype = model.get_input_embeddings().weight.dtype
         if not self.mask_dtype.is_floating_point:
             self.mask_dtype = torch.float32
@@ -353,8 +358,10 @@ class _Pool:
         share: list = []
         picks = _choose(scores, meta["temp"], meta["top_p"], meta["sample"], self.any_sample, self.any_top_p,
                         key_dtype=logits.dtype if exact else None, top_k_first=self.top_k_first, fallback=share)
-        if share and share[0] > 0.5:
-            self.top_k_first = 0
+        if share and self.sort_whole_after is not None:
+            self.flat_steps = self.flat_steps + 1 if share[0] > 0.5 else 0
+            if self.flat_steps >= self.sort_whole_after:
+                self.top_k_first = 0
         return picks
 
     def admit(self, items: list[tuple[int, list[int], Sampling]]) -> None:
@@ -683,11 +690,13 @@ def generate(model, tok, inputs: list[list[int]], sampling: Union[Sampling, Sequ
     per_row = [sampling] * len(inputs) if isinstance(sampling, Sampling) else list(sampling)
     bar = tqdm(total=len(inputs), desc=desc, unit="row", disable=desc is None)
     try:
+        fit = rows_that_fit(model, pool_columns(inputs, per_row), limit=len(inputs))
         if pool_supported(model):
-            fit = rows_that_fit(model, pool_columns(inputs, per_row), limit=len(inputs))
             rows = min(fit, batch_size) if batch_size else fit
             return generate_pool(model, tok, inputs, per_row, max(1, rows), logits_processors, bar)
-        return _generate_hf_batches(model, tok, inputs, per_row, batch_size or 16, logits_processors, bar)
+        # transformers' generate on padded batches (prompt tuning): at most what fits as well
+        return _generate_hf_batches(model, tok, inputs, per_row, max(1, min(batch_size or 16, fit)),
+                                    logits_processors, bar)
     finally:
         bar.close()
 

@@ -235,12 +235,17 @@ def teacher_shards(session) -> Optional[Shards]:
                 folder=session.paths.data_raw / ".instructions.shards", sampled=True)
 
 
+# ids per chunk over several devices at most: the 80 GB profiles cap pools at 1,024 rows, and chunks that large
+# would leave 1,500 instructions in 2 chunks, so 2 GPUs of 8 busy
+SHARD_IDS = 256
+
+
 def work_chunks(ids: list[int], cfg: GenerationConfig) -> list[dict]:
-    """The unit of randomness over several devices: at least one full batch, so each device's pool starts full.
-    Seeded by its first id, a chunk gives the same rows on any device and any number of devices."""
+    """The unit of randomness over several devices: a full batch (at most SHARD_IDS ids), so each device's pool
+    starts full. Seeded by its first id, a chunk gives the same rows on any device and any number of devices."""
     from .distributed import chunks
 
-    return chunks(ids, max(cfg.chunk_size, cfg.batch_size))
+    return chunks(ids, max(cfg.chunk_size, min(cfg.batch_size, SHARD_IDS)))
 
 
 def _draft_process(cfg: GenerationConfig, seed: int, block: bool, teacher: str, tok, model):

@@ -40,16 +40,28 @@ def test_active_restores_the_setting_after_an_error(monkeypatch):
         assert model.config._attn_implementation == "eager"
 
 
-def test_calls_the_kernel_cannot_take_go_to_sdpa():
-    """CPU tensors, a prefill (several query tokens), no mask: transformers' SDPA path, unchanged."""
+def test_calls_the_kernel_cannot_take_go_to_sdpa(monkeypatch):
+    """Only a one-token step with a per-row [B, 1, 1, W] float mask, one dtype and a tile-sized head dim goes to the
+    kernel (here as if it could run on this machine); anything else keeps transformers' SDPA path, unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    def case(rows=2, heads=4, kv=2, steps=1, dim=64, width=5, mask="rows", dtype=torch.float32):
+        q = torch.randn(rows, heads, steps, dim)
+        k, v = torch.randn(rows, kv, width, dim), torch.randn(rows, kv, width, dim)
+        bias = {"rows": torch.zeros(rows, 1, 1, width), "one": torch.zeros(1, 1, 1, width), "none": None,
+                "bool": torch.ones(rows, 1, 1, width, dtype=torch.bool)}[mask]
+        return q.to(dtype), k, v, bias
+
+    monkeypatch.setattr(DA, "available", lambda device, dtype: True)
+    assert DA.fits(*case())
+    for bad in (dict(steps=2), dict(mask="none"), dict(mask="one"), dict(mask="bool"), dict(dim=48),
+                dict(heads=3), dict(dtype=torch.float16)):
+        assert not DA.fits(*case(**bad)), bad
+    monkeypatch.setattr(DA, "available", lambda device, dtype: False)
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 2, True
-    q, k, v = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 64)
-    bias = torch.zeros(2, 1, 1, 5)
+    q, k, v, bias = case()
     bias[0, ..., :2] = torch.finfo(torch.float32).min
-    assert not DA.fits(q, k, v, bias)
     ours, _ = DA.sit_decode_attention(module, q, k, v, bias)
     ref, _ = sdpa_attention_forward(module, q, k, v, bias)
     assert torch.equal(ours, ref)
@@ -65,7 +77,8 @@ def _reference(q, k, v, bias, scale):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,heads,kv_heads,dim,width,cols", [(5, 9, 3, 64, 70, 96), (7, 32, 8, 128, 200, 257),
-                                                                 (3, 4, 4, 64, 64, 64), (2, 8, 1, 128, 1, 9)])
+                                                                 (3, 4, 4, 64, 64, 64), (2, 8, 1, 128, 1, 9),
+                                                                 (3, 32, 1, 32, 50, 64), (2, 16, 4, 256, 130, 130)])
 def test_kernel_equals_sdpa(dtype, rows, heads, kv_heads, dim, width, cols):
     """Keys and values are column slices of larger buffers (as the pool's); each row sees its own window of
     columns (left padding, and the bucket's columns past the step masked on the right; one row sees only the last

@@ -359,22 +359,45 @@ def test_top_k_first_mixes_rows_that_fit_and_rows_that_do_not():
     assert torch.equal(picks[2::3], torch.zeros(n, dtype=torch.long))
 
 
-@pytest.mark.parametrize("kind,keeps_top_k", [("peaked", True), ("flat", False)])
-def test_the_pool_sorts_whole_once_most_rows_fall_back(lm, kind, keeps_top_k):
-    """Looking among the top k first pays only where nuclei are small: after a step in which most sampled rows
-    reach past the top k (flat logits), the pool's call sorts whole; peaked logits keep the top-k path."""
+@pytest.mark.parametrize("steps,keeps_top_k", [(["peaked"] * 3, True), (["flat"] * 3, False),
+                                               (["flat", "flat", "peaked", "flat", "flat"], True)])
+def test_the_pool_sorts_whole_after_a_run_of_flat_steps(lm, steps, keeps_top_k):
+    """Looking among the top k first pays only where nuclei are small: after `sort_whole_after` steps in a row in
+    which most sampled rows reach past the top k (flat logits), the call sorts whole; peaked logits, or flat steps
+    broken by a peaked one, keep the top-k path. Picks stay inside a peaked row's nucleus either way."""
     model, tok = lm
     s = G.Sampling(4, 1.0, 0.9)
     inputs = _prompts(6, seed=2)
     with torch.inference_mode():
         pool = G._Pool(model, tok, G.eos_ids(model, tok), 6, G.pool_columns(inputs, [s]), [], [s] * 6)
         pool.admit([(i, p, s) for i, p in enumerate(sorted(inputs, key=len, reverse=True))])
-        pool.top_k_first = 4   # of the tiny model's vocabulary
-        vocab = model.config.vocab_size
-        logits = torch.zeros(6, vocab)
-        if kind == "peaked":
-            logits[:, :3] = 20.0
+        pool.top_k_first, pool.sort_whole_after = 4, 3   # of the tiny model's vocabulary
         ids = pool.ids[:6, pool.start:pool.end]
-        picks = pool._pick(logits, ids, slice(0, 6))
+        for kind in steps:
+            logits = torch.zeros(6, model.config.vocab_size)
+            if kind == "peaked":
+                logits[:, :3] = 20.0
+            picks = pool._pick(logits, ids, slice(0, 6))
+            assert kind == "flat" or bool((picks < 3).all())
     assert (pool.top_k_first == 4) is keeps_top_k
-    assert picks.shape == (6,) and (kind == "flat" or bool((picks < 3).all()))
+
+
+def test_the_pool_keeps_the_top_k_path_on_a_cpu(lm):
+    model, tok = lm
+    s = G.Sampling(4, 1.0, 0.9)
+    pool = G._Pool(model, tok, G.eos_ids(model, tok), 2, 40, [], [s] * 2)
+    assert pool.top_k_first == 256 and pool.sort_whole_after is None
+
+
+def test_the_padded_batch_fallback_is_capped_by_memory_too(lm, monkeypatch):
+    """Models the pool cannot drive (prompt tuning) decode in padded batches of at most what fits, whatever
+    batch_size says."""
+    model, tok = lm
+    seen = []
+    monkeypatch.setattr(G, "pool_supported", lambda m: False)
+    monkeypatch.setattr(G, "rows_that_fit", lambda m, row_tokens, limit=1024, memory_fraction=0.7: 3)
+    real = G._generate_hf_batches
+    monkeypatch.setattr(G, "_generate_hf_batches",
+                        lambda m, t, i, p, batch, *a: seen.append(batch) or real(m, t, i, p, batch, *a))
+    out = G.generate(model, tok, _prompts(5), G.Sampling.greedy(3), batch_size=256)
+    assert seen == [3] and len(out) == 5

@@ -199,3 +199,13 @@ def test_greedy_split_refuses_sampling(tiny):
     with pytest.raises(ValueError, match="sampled rows would depend"):
         sharding.generate_greedy(shards, model, tok, [[1, 2]], magpie.Sampling(4, 1.0, 1.0), 2)
     assert sharding.split(list(range(5)), 2) == [[0, 1], [2, 3, 4]] and sharding.split([1], 3) == [[1]]
+
+
+def test_chunks_stay_small_enough_to_spread_over_the_devices():
+    """Pools capped at 1,024 rows (80 GB profiles) must not make chunks that large: 1,500 ids still give 6 chunks
+    of at most 256, each at least a chunk_size."""
+    cfg = replace(GenerationConfig(), batch_size=1024, chunk_size=64)
+    work = magpie.work_chunks(list(range(1500)), cfg)
+    assert [len(c["ids"]) for c in work] == [256] * 5 + [220]
+    small = replace(GenerationConfig(), batch_size=8, chunk_size=64)
+    assert {len(c["ids"]) for c in magpie.work_chunks(list(range(128)), small)} == {64}
