@@ -133,3 +133,32 @@ def test_the_pools_static_step_runs_the_kernel(tiny_model_dir, monkeypatch, lora
     assert model.config._attn_implementation == "sdpa"
     same = sum(a.text == b.text for a, b in zip(runs[True], runs[False]))
     assert same >= len(inputs) - 2, same
+
+
+def test_the_pools_static_step_hands_the_kernel_its_inputs(tiny_model_dir, monkeypatch):
+    """On the CPU, as if the kernel could run (a reference stands in for it): the pool's static decode step goes
+    through `sit_decode_attention`, `fits` accepts what the step passes (its masks, cache slices and query), and
+    greedy rows equal the pool's SDPA step; prefill and the config stay as they were."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token, tok.padding_side = "<|endoftext|>", "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    monkeypatch.setattr(DA, "available", lambda device, dtype: True)
+    calls = []
+
+    def reference(q, k, v, bias, scale):
+        calls.append(q.shape[0])
+        return _reference(q, k, v, bias, scale).to(q.dtype)
+
+    monkeypatch.setattr(DA, "decode", reference)
+    monkeypatch.setattr(G, "STATIC_DECODE", True)
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(2, 24, (9,), generator=g)]
+    runs = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(G, "DECODE_KERNEL", kernel)
+        runs[kernel] = [(c.text, c.n_tokens) for c in G.generate(model, tok, inputs, G.Sampling.greedy(12),
+                                                                  batch_size=4)]
+    assert calls and runs[True] == runs[False]
+    assert model.config._attn_implementation == "sdpa"
