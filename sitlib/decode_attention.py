@@ -48,8 +48,8 @@ def _kernel():
     def decode(Q, K, V, Bias, Out, scale, masked, W,
                sqb, sqh, skb, skh, skn, svb, svh, svn, sbb, sob, soh,
                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)          # row offsets pass 2**31 elements in large pools
-        h = tl.program_id(1).to(tl.int64)                      # the KV head; its G query heads share the tile
+        b = tl.program_id(0).to(tl.int64)   # the row (64 bits: offsets pass 2**31 elements in large pools)
+        h = tl.program_id(1).to(tl.int64)   # the KV head; its G query heads share the tile
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
         live = g < G
