@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,19 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import record, sync  # noqa: E402
+from common import ms_per_call, record  # noqa: E402
 
 from sitlib.generation import _choose  # noqa: E402
-
-
-def ms_per_call(fn, repeats: int) -> float:
-    fn()   # warm
-    sync()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return round(1000 * (time.perf_counter() - t) / repeats, 2)
 
 
 def main() -> None:

@@ -53,6 +53,19 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def ms_per_call(fn, repeats: int) -> float:
+    """Milliseconds per call of `fn`: one warm call, then `repeats` timed between device syncs."""
+    import time
+
+    fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return round(1000 * (time.perf_counter() - t) / repeats, 3)
+
+
 def param_count(shape: str) -> int:
     """Parameters of `shape` (built on the meta device: no memory, no time)."""
     from transformers import LlamaForCausalLM

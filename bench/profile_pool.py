@@ -12,7 +12,6 @@ import argparse
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,32 +20,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_generation import IdTokenizer  # noqa: E402
-from common import SHAPES, device_name, random_model  # noqa: E402
+from common import SHAPES, device_name, ms_per_call, random_model  # noqa: E402
 
 from sitlib import decode_attention as DA  # noqa: E402
 from sitlib import generation as G  # noqa: E402
 
 
-def timed(fn, n: int) -> float:
-    """ms per call of `fn`, `n` calls after one warm call."""
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return round(1000 * (time.perf_counter() - t) / n, 3)
-
-
-def full_pool(model, tok, rows: int, prompt: int, new: int, static: bool, block: bool):
-    """A pool with `rows` rows prefilled at `prompt` tokens each, graphs on or off."""
+def full_pool(model, tok, rows: int, prompt: int, new: int):
+    """A pool of static steps (graphs on CUDA) with `rows` rows prefilled at `prompt` tokens each, the header
+    block on."""
     vocab = model.config.vocab_size
     rng = random.Random(0)
     prompts = [[1] + [rng.randrange(3, vocab) for _ in range(prompt - 1)] for _ in range(rows)]
     sampling = G.Sampling(new, 0.7, 0.9)
-    procs = [G.BlockFirstTokens(range(3, 203), torch.zeros(vocab, dtype=torch.bool))] if block else []
+    procs = [G.BlockFirstTokens(range(3, 203), torch.zeros(vocab, dtype=torch.bool))]
     pool = G._Pool(model, tok, G.eos_ids(model, tok), rows, G.pool_columns(prompts, [sampling]), procs, [sampling])
-    pool.static = static
+    pool.static = True
     pool.admit([(i, p, sampling) for i, p in enumerate(prompts)])
     return pool
 
@@ -58,10 +47,10 @@ def whole_step(pool):
     return run
 
 
-def measure(model, tok, a, block: bool, tables: bool = True) -> dict:
+def measure(model, tok, a, tables: bool = True) -> dict:
     out = {}
     # the bucket of columns [cols/4, cols/2): enter it, capture, then time inside it
-    pool = full_pool(model, tok, a.rows, a.prompt, a.new, True, block)
+    pool = full_pool(model, tok, a.rows, a.prompt, a.new)
     step = whole_step(pool)
     cols_step = max(32, -(-pool.cols // 4))
     while pool.end < cols_step + 2:
@@ -69,14 +58,14 @@ def measure(model, tok, a, block: bool, tables: bool = True) -> dict:
     room = 2 * cols_step - pool.end - 2
     n = min(a.steps, room)
     out["steps_timed"] = n
-    out["ms_whole_step_graphs"] = timed(step, n // 2)
+    out["ms_whole_step_graphs"] = ms_per_call(step, n // 2)
     rows, width = pool._bucket(pool.end)
     graph = pool.graphs.get((rows, width)) if pool.graphs else None
-    out["ms_graph_replay"] = timed(graph.replay, n) if graph is not None else None
+    out["ms_graph_replay"] = ms_per_call(graph.replay, n) if graph is not None else None
     live = slice(0, pool.size)
     ids = pool.ids[live, pool.start:pool.end]
     logits = pool.logits if pool.logits is not None else torch.randn(pool.size, model.config.vocab_size)
-    out["ms_sampling"] = timed(lambda: pool._pick(logits[:pool.size], ids, live), n)
+    out["ms_sampling"] = ms_per_call(lambda: pool._pick(logits[:pool.size], ids, live), n)
     if not tables:
         return out
     from torch.profiler import ProfilerActivity, profile
@@ -89,12 +78,12 @@ def measure(model, tok, a, block: bool, tables: bool = True) -> dict:
                                                            max_name_column_width=70)
     del pool, graph
     torch.cuda.empty_cache()
-    eager = full_pool(model, tok, a.rows, a.prompt, a.new, True, block)
+    eager = full_pool(model, tok, a.rows, a.prompt, a.new)
     eager.graphs = None   # the same static shapes, launched kernel by kernel
     step = whole_step(eager)
     while eager.end < cols_step + 2:
         step()
-    out["ms_whole_step_no_graphs"] = timed(step, n // 2)
+    out["ms_whole_step_no_graphs"] = ms_per_call(step, n // 2)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(8):
             step()
@@ -124,7 +113,7 @@ def main() -> None:
             a_rows = argparse.Namespace(**{**vars(a), "rows": rows})
             for kernel in (False, True):   # transformers' SDPA, then sitlib's decode kernel, in the static step
                 G.DECODE_KERNEL = kernel
-                r = measure(model, tok, a_rows, block=True)
+                r = measure(model, tok, a_rows)
                 name = f"{rows}_{'decode_kernel' if kernel else 'sdpa'}"
                 result["runs"][name] = r
                 print(name, {k: v for k, v in r.items() if not isinstance(v, str)}, flush=True)
@@ -134,7 +123,7 @@ def main() -> None:
         # the decode kernel's block of columns and warps: the graph's replay at the last rows
         for block_n, warps in ((32, 4), (64, 8), (128, 4), (128, 8)):
             DA.BLOCK_N, DA.NUM_WARPS = block_n, warps
-            r = measure(model, tok, argparse.Namespace(**{**vars(a), "rows": a.rows[-1]}), True, tables=False)
+            r = measure(model, tok, argparse.Namespace(**{**vars(a), "rows": a.rows[-1]}), tables=False)
             result["runs"][f"{a.rows[-1]}_decode_kernel_block{block_n}_warps{warps}"] = r
             print(block_n, warps, r, flush=True)
         DA.BLOCK_N, DA.NUM_WARPS = 64, 4

@@ -59,8 +59,8 @@ _BF16 = dict(device="cuda", dtype="bfloat16", tf32=True, attn_implementation="si
 # 80 GB cards. Rows of 1,024 tokens, LoRA without checkpointing: SFT at 12 x 2 peaked at 74.5 GB and DPO at 8 x 2
 # at 73.5 GB (over 90% of the card), so both micro-batches are smaller, the effective batch kept. Generation pools
 # are sized by free memory (generate never keeps more rows in flight than fit); the batch sizes here only cap
-# them. On an H200 the 8B teacher shape made 15,197 tok/s with the pool sized by memory (512 rows) against
-# 13,360 at 256 rows, and one decode step of the embedded 135M model took 11.4 ms at 1,024 rows against 5.9 ms
+# them. On an H200 the 8B teacher shape made 15,223 tok/s with the pool sized by memory (512 rows) against
+# 13,548 at 256 rows, and one decode step of the embedded 135M model took 11.4 ms at 1,024 rows against 5.9 ms
 # at 256: 90k against 43k tok/s (bench/results/2026-11-29_NVIDIA_H200.json, profile_pool_135m_NVIDIA_H200.json).
 # The reward model keeps its own batch (scoring.REWARD_BATCH).
 # Recipe: half the instructions carry verifiable constraints, answered 8 times each (more rows pass the checks

@@ -17,7 +17,8 @@ class Scorer(Protocol):
 
 # (prompt, answer) pairs the reward model scores at once. preference.batch_size caps the generation pool, whose
 # rows are sized by free memory; the reward model's attention grows with the square of a pair's length, and at
-# 1,024 pairs of 768 tokens it ran out of memory on an emulated 80 GB card (bench/bench_memory.py)
+# 1,024 pairs of 768 tokens it ran out of memory on an emulated 80 GB card
+# (bench/results/oom_reward_batch_1024_NVIDIA_H200.json)
 REWARD_BATCH = 64
 
 
