@@ -158,9 +158,11 @@ def write_training_data(S, vocab: int, steps: int) -> None:
     for `steps` optimizer steps of the larger of the SFT and prompt-tuning batches, and one full eval batch."""
     cfg, n = S.config, S.config.models.max_seq_length
     rng = random.Random(0)
-    per_step = max(cfg.sft.batch_size * cfg.sft.gradient_accumulation,
+    rows_per_sequence = max(1, cfg.sft.pack_tokens // n)   # packed SFT: whole rows fill each sequence
+    per_step = max(cfg.sft.batch_size * cfg.sft.gradient_accumulation * rows_per_sequence,
                    cfg.prompt_tuning.batch_size * cfg.prompt_tuning.gradient_accumulation)
-    rows = conversation_rows(rng, per_step * steps + max(cfg.sft.batch_size, cfg.prompt_tuning.batch_size),
+    rows = conversation_rows(rng, per_step * steps + max(cfg.sft.batch_size * rows_per_sequence,
+                                                         cfg.prompt_tuning.batch_size),
                              n // 4, n, vocab)
     write_jsonl(S.paths.data_filtered / "sft_train.jsonl", rows[: per_step * steps])
     write_jsonl(S.paths.data_filtered / "sft_val.jsonl", rows[per_step * steps:])
@@ -331,7 +333,8 @@ def settings(S) -> dict:
             "evaluation_batch": c.evaluation.batch_size,
             "sft": f"{c.sft.batch_size}x{c.sft.gradient_accumulation}",
             "prompt_tuning": f"{c.prompt_tuning.batch_size}x{c.prompt_tuning.gradient_accumulation}",
-            "dpo": f"{c.dpo.batch_size}x{c.dpo.gradient_accumulation}", "sft_optimizer": c.sft.optimizer}
+            "dpo": f"{c.dpo.batch_size}x{c.dpo.gradient_accumulation}", "sft_optimizer": c.sft.optimizer,
+            "sft_pack_tokens": c.sft.pack_tokens, "liger": p.liger, "bf16_adapters": p.bf16_adapters}
 
 
 def session_for(profile: str, paths: dict[str, Path], work: Path, steps: int, tiny: bool):

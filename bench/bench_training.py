@@ -7,7 +7,9 @@ use, under a GPU profile). Same rows for every variant; each warms up (its first
 
 SFT variants: seed_recipe (4-bit NF4, checkpointing, dropout 0.05, padded, paged AdamW; needs bitsandbytes),
 stock_best (TRL bf16 + padding-free + Liger when importable, dropout 0), sitlib (profile h100 with
---sitlib-attn), sitlib_plain (the same profile, SDPA, padded: the loss reference for the faster attention).
+--sitlib-attn), sitlib_plain (the same profile with SDPA: padded rows, or the same packed sequences where the
+profile packs SFT rows; the loss reference for the faster attention). --trl KEY=VALUE sets SFTConfig fields of the
+sitlib variants (levers measured before a profile ships them).
 DPO: seed_recipe (policy and reference as two 4-bit models) vs sitlib (one bf16 base, the reference is a frozen
 copy of the adapter). Prompt tuning: seed_recipe (every batch padded to 2,048 tokens) vs sitlib.
 Merges {"sft": ..., "dpo": ..., "prompt_tuning": ...} into bench/results/<date>_<device>.json.
@@ -281,6 +283,8 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=S.config.prompt_tuning.num_virtual_tokens)
     args = training.sft_args(S, section, S.paths.models_sft / "bench")
     args.eval_strategy, args.save_strategy = "no", "no"
+    for key, value in parse_sets(ARGS.trl).items():   # levers measured here before a profile ships them
+        setattr(args, key, value)
     clock = Clock()
     extra = []
     if profile and ARGS.torch_profile:   # N more steps after the timed ones, under the profiler (not timed; the
@@ -290,11 +294,16 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
                              f"{common.device_name().replace(' ', '_')}.txt")]
     tr = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_cfg,
                     callbacks=[clock, *extra])
+    training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
     res = measure(tr, clock, warm, n_params, timed=steps)
     sec = getattr(S.config, section)
     res["how"] = (f"profile {S.profile.name}: {S.profile.dtype}, attention {S.profile.attn_implementation}, "
                   f"padding-free {args.padding_free}, batch {sec.batch_size}x{sec.gradient_accumulation}"
-                  + (f", LoRA dropout {L.dropout}" if section == "sft" else ""))
+                  + (f", LoRA dropout {L.dropout}" if section == "sft" else "")
+                  + (f", packed into {sec.pack_tokens} tokens" if getattr(sec, "pack_tokens", 0) else "")
+                  + f", Liger {'on' if args.use_liger_kernel else 'off'}"
+                  + f", adapters {'bf16' if S.profile.bf16_adapters and S.profile.bf16 else 'fp32'}"
+                  + "".join(f", {k}={v}" for k, v in parse_sets(ARGS.trl).items()))
     return res
 
 
@@ -347,6 +356,7 @@ def dpo_sitlib(S, steps, n_params, warm):
     args.eval_strategy, args.save_strategy = "no", "no"
     clock = Clock()
     tr = training.dpo_trainer(policy, args, train, None, tok, callbacks=[clock])
+    training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
     res = measure(tr, clock, warm, n_params)
     d = S.config.dpo
     return {**res, "how": f"profile {S.profile.name}: one bf16 base, reference = frozen adapter copy, batch "
@@ -413,6 +423,8 @@ def main() -> None:
                     "--profile cpu: a smoke run")
     ap.add_argument("--sitlib-attn", default="sit_varlen")
     ap.add_argument("--set", action="append", help="extra sitlib config KEY=VALUE for the sitlib variants")
+    ap.add_argument("--trl", action="append", help="extra SFTConfig KEY=VALUE for the sitlib variants "
+                    "(e.g. use_liger_kernel=true)")
     ap.add_argument("--torch-profile", type=int, default=0, help="N: profile N steps of the sitlib SFT variant "
                     "after its timed ones (profile_sft_<shape>_<device>.txt in --out)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -443,8 +455,9 @@ def main() -> None:
         runs = {"seed_recipe": lambda: sft_seed_recipe(path, tok, train, steps, n_params, a.warm),
                 "stock_best": lambda: sft_stock_best(path, tok, train, steps, n_params, a.warm),
                 "sitlib": lambda: sft_sitlib(fast, steps, n_params, a.warm, profile=True),
-                "sitlib_plain": lambda: sft_sitlib(session(a.profile, "sdpa", False, over, steps), steps,
-                                                   n_params, a.warm)}
+                # packed sequences stay packed (SDPA with a block-diagonal mask: the same batches); else padded
+                "sitlib_plain": lambda: sft_sitlib(session(a.profile, "sdpa", bool(fast.config.sft.pack_tokens),
+                                                           over, steps), steps, n_params, a.warm)}
         for v in a.sft_variants.split(","):
             if v == "seed_recipe" and not have("bitsandbytes"):
                 res[v] = {"skipped": "bitsandbytes not importable"}

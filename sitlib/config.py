@@ -107,6 +107,10 @@ class SFTConfig:
     optimizer: str = "adamw_torch"
     sample_prompts: int = 3
     rows: str = "all"   # "constrained": only the rows whose answer passed its checked constraints
+    # > 0: TRL packs whole rows into sequences of at most this many tokens (best-fit decreasing) and batch_size
+    # counts those sequences: every micro-batch then holds about the same tokens, so its memory is known.
+    # Needs a padding-free profile (rows keep their boundaries through varlen attention).
+    pack_tokens: int = 0
 
 
 @dataclass
@@ -306,7 +310,7 @@ RANGES = {
     "generation.response_top_p": _between(0, 1, hi_open=False),
     "generation.instruction_max_new_tokens": _at_least(1), "generation.response_max_new_tokens": _at_least(1),
     "generation.constraint_share": _between(0, 1, False, False), "generation.max_constraints": _at_least(1),
-    "generation.constraint_samples": _at_least(1), "generation.devices": _DEVICES,
+    "generation.constraint_samples": _at_least(1), "sft.pack_tokens": _at_least(0), "generation.devices": _DEVICES,
     "filter.min_instruction_words": _at_least(0), "filter.min_response_words": _at_least(0),
     "filter.max_instruction_words": _at_least(1), "filter.max_response_words": _at_least(1),
     "filter.max_non_ascii_ratio": _between(0, 1, False, False),

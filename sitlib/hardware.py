@@ -28,6 +28,8 @@ class Profile:
     padding_free: bool = False      # TRL padding-free batches (needs a varlen-capable attention)
     # transformers attention implementation; a name starting with "sit_" is registered by sitlib.attention
     attn_implementation: str = "sdpa"
+    liger: bool = False             # Liger's kernels in SFT and prompt tuning, when liger_kernel is importable
+    bf16_adapters: bool = False     # trainable weights in bf16 like the base (PEFT keeps them in fp32)
     min_memory_gb: float = 0.0      # the card size (GB) this profile's settings were measured for
     overrides: dict = field(default_factory=dict)   # dotted config keys this profile sets
 
@@ -55,19 +57,29 @@ _EMBEDDED = {"models.student": "embedded", "models.teacher": "embedded", "models
 # models.max_seq_length tokens; bench/results/memory_<device>.json holds the peaks (target: <= 90% of the card).
 # sit_varlen (FlashAttention-2 varlen for padding-free rows): 10,359 vs 7,745 real tok/s for SDPA on padded rows,
 # same h100 settings, losses equal within 0.01%, lower peak (bench/results/2026-11-29_NVIDIA_H200.json)
-_BF16 = dict(device="cuda", dtype="bfloat16", tf32=True, attn_implementation="sit_varlen")
-# 80 GB cards. Rows of 1,024 tokens, LoRA without checkpointing: SFT at 12 x 2 peaked at 74.5 GB and DPO at 8 x 2
-# at 73.5 GB (over 90% of the card), so both micro-batches are smaller, the effective batch kept. Generation pools
-# are sized by free memory (generate never keeps more rows in flight than fit); the batch sizes here only cap
-# them. On an H200 the 8B teacher shape made 15,223 tok/s with the pool sized by memory (512 rows) against
-# 13,548 at 256 rows, and one decode step of the embedded 135M model took 11.4 ms at 1,024 rows against 5.9 ms
-# at 256: 90k against 43k tok/s (bench/results/2026-11-29_NVIDIA_H200.json, profile_pool_135m_NVIDIA_H200.json).
+# Liger (fused RMSNorm, SwiGLU, RoPE, and linear + cross-entropy without the logits) and bf16 adapters (PEFT's fp32
+# adapters cast every LoRA input: aten::copy_ took 21% of the GPU time of the 3B SFT step). At 24 rows per
+# micro-batch: 18,802 real tok/s, 22,960 with Liger, 26,976 with both; peak 52.6 → 36.1 GB; 9 losses within 0.5%
+# (bench/results/sft_levers_NVIDIA_H200.json). bf16 adapters are what TRL does for QLoRA (the QLoRA paper's recipe).
+_BF16 = dict(device="cuda", dtype="bfloat16", tf32=True, attn_implementation="sit_varlen", liger=True,
+             bf16_adapters=True)
+# 80 GB cards. SFT packs whole rows into sequences of 12,288 tokens, one per optimizer step: the 3B step was
+# launch-bound (its kernels ran 0.96 s of 2.19 s at 8 x 3 rows), and one large micro-batch of a known size keeps
+# the GPU fed with bounded memory. 3B shape: 27,405 real tok/s against 7,913 for stock TRL's best (3.46x), losses within 0.01%
+# of SDPA on the same packed batches (bench/results/2026-11-30_NVIDIA_H200.json); rows of 1,024 tokens peaked at
+# 39.6 GB (memory_NVIDIA_H200.json). DPO keeps 4 x 4 (8 x 2 peaked at 73.5 GB, over 90% of the card).
+# Generation pools are sized by free memory (generate never keeps more rows in flight than fit); the batch sizes
+# here only cap them. On an H200 the 8B teacher shape made 15,223 tok/s with the pool sized by memory (512 rows)
+# against 13,548 at 256 rows, and one decode step of the embedded 135M model took 11.4 ms at 1,024 rows against
+# 5.9 ms at 256: 90k against 43k tok/s (bench/results/2026-11-29_NVIDIA_H200.json,
+# profile_pool_135m_NVIDIA_H200.json).
 # The reward model keeps its own batch (scoring.REWARD_BATCH).
 # Recipe: half the instructions carry verifiable constraints, answered 8 times each (more rows pass the checks
 # for SFT and give pass/fail pairs for DPO), and DPO at 2e-5 so the LoRA policy moves within its ~25 steps
 # (bench/results/quality_run_NVIDIA_H200_default_recipe/ is a run of this profile, before lora.dropout 0).
 # lora.dropout 0: as bench_training.py measured sitlib's SFT (no dropout kernels per adapter and step)
-_80GB = {"sft.batch_size": 8, "sft.gradient_accumulation": 3, "dpo.batch_size": 4, "dpo.gradient_accumulation": 4,
+_80GB = {"sft.batch_size": 1, "sft.gradient_accumulation": 1, "sft.pack_tokens": 12288,
+         "dpo.batch_size": 4, "dpo.gradient_accumulation": 4,
          "generation.batch_size": 1024, "preference.batch_size": 1024, "evaluation.batch_size": 256,
          "generation.constraint_share": 0.5, "generation.constraint_samples": 8, "dpo.learning_rate": 2e-5,
          "lora.dropout": 0.0}

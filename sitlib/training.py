@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import html
+import importlib.util
 import json
 import resource
 import time
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 
 from .artifacts import read_json, read_jsonl, write_json, write_metrics
-from .errors import BadInputError, HubAccessError, OutOfMemoryError
+from .errors import BadInputError, ConfigError, HubAccessError, OutOfMemoryError
 from .figures import training_curves
 from .generation import Sampling, chat_input_ids, generate
 
@@ -192,20 +193,33 @@ def prepare_checkpoints(ckpt_dir: Path, fp: str, weights_key: str) -> Optional[s
         return checkpoints.prepare_checkpoints(ckpt_dir, fp, weights_key)
 
 
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def sft_args(session, section: str, ckpt_dir: Path):
     """`trl.SFTConfig` for "sft" (LoRA/QLoRA) or "prompt_tuning", from the resolved settings."""
     from trl import SFTConfig
 
-    sec = getattr(session.config, section)
+    sec, prof = getattr(session.config, section), session.profile
     if section == "sft":
         extra = dict(optim=sec.optimizer, weight_decay=sec.weight_decay)
-        padding_free = session.profile.padding_free
+        padding_free = prof.padding_free
+        if sec.pack_tokens:
+            if not padding_free:
+                raise ConfigError(f"config key 'sft.pack_tokens' ({sec.pack_tokens}) needs a padding-free profile; "
+                                  f"'{prof.name}' is not: set it to 0")
+            extra.update(packing=True, packing_strategy="bfd")
     elif section == "prompt_tuning":
         # virtual tokens must prefix every row: padding-free packs rows into one sequence, so it stays off
         extra, padding_free = dict(train_sampling_strategy="group_by_length"), False
     else:
         raise ValueError(f"sft_args: section must be 'sft' or 'prompt_tuning', got {section!r}")
-    return SFTConfig(**common_args(sec, session, ckpt_dir, padding_free), completion_only_loss=True, **extra)
+    args = common_args(sec, session, ckpt_dir, padding_free)
+    if extra.get("packing"):
+        args["max_length"] = sec.pack_tokens   # the packed sequence's length (rows were truncated when tokenized)
+    # Liger patches the model's classes at Trainer init; where it is not installed training runs without it
+    return SFTConfig(**args, completion_only_loss=True, use_liger_kernel=prof.liger and liger_available(), **extra)
 
 
 def dpo_args(session, ckpt_dir: Path):
@@ -321,13 +335,16 @@ def oom_guard(session, section_name: str):
         raise OutOfMemoryError(oom_hint(session, section_name)) from None
 
 
-def fp32_adapters_without_bf16(trainer, profile) -> None:
-    """TRL casts trainable weights of a 4-bit model to bf16; fp16 AMP (a T4 has no bf16) cannot unscale bf16
-    gradients, so there the adapter goes back to fp32 before the optimizer is built (at train())."""
-    if profile.load_in_4bit and not profile.bf16:
-        for p in trainer.model.parameters():
-            if p.requires_grad and p.dtype == torch.bfloat16:
-                p.data = p.data.float()
+def match_adapter_dtype(trainer, profile) -> None:
+    """Trainable weights in the dtype the profile trains in, before the optimizer is built (at train()).
+    bf16_adapters: PEFT keeps adapters in fp32 on a bf16 base, so every LoRA call casts its input; in bf16 they do
+    not (DPO's frozen reference adapter too). fp16 AMP (a T4 has no bf16) cannot unscale the bf16 gradients TRL
+    gives a 4-bit model's adapter, so there it goes back to fp32."""
+    for p in trainer.model.parameters():
+        if profile.bf16_adapters and profile.bf16 and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+        elif profile.load_in_4bit and not profile.bf16 and p.requires_grad and p.dtype == torch.bfloat16:
+            p.data = p.data.float()
 
 
 def sft_trainer(model, args, train, val, tok, peft_config, callbacks: Optional[list] = None):
@@ -368,7 +385,7 @@ class TrainResult:
 
 def run_trainer(trainer, resume: Optional[str], session, section_name: str) -> TrainResult:
     """trainer.train(), resuming from `resume`; timed, tokens counted, CUDA OOM → OutOfMemoryError."""
-    fp32_adapters_without_bf16(trainer, session.profile)
+    match_adapter_dtype(trainer, session.profile)
     tokens_before = tokens_seen(resume)
     if session.profile.device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -181,6 +181,7 @@ def test_committed_memory_measurements_cover_every_profile_as_configured():
         assert s["attn_implementation"] in {prof.attn_implementation, "sdpa"}, name
         if prof.attn_implementation == "sit_varlen":
             assert varlen_measured_lighter(), name
+        assert s.get("sft_pack_tokens", 0) == cfg.sft.pack_tokens, name   # packed SFT: tokens per sequence
         assert (s["sft"], s["dpo"], s["prompt_tuning"]) == tuple(
             f"{sec.batch_size}x{sec.gradient_accumulation}" for sec in (cfg.sft, cfg.dpo, cfg.prompt_tuning)), name
         assert (s["generation_batch"], s["preference_batch"], s["evaluation_batch"], s["max_seq_length"]) == (

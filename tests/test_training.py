@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from sitlib import training
 from sitlib.artifacts import write_jsonl
 from sitlib.hardware import PROFILES
-from sitlib.errors import BadInputError, OutOfMemoryError
+from sitlib.errors import BadInputError, ConfigError, OutOfMemoryError
 from sitlib.models import load_model, load_tokenizer, lora_config, prompt_tuning_config, resolve_model
 from sitlib.session import setup
 
@@ -212,6 +212,60 @@ def test_padding_free_profiles_build_a_trainer(tmp_path, tiny_model_dir, monkeyp
                                    lora_config(S.config.lora))
     assert trainer.args.padding_free and trainer.args.max_length is None
     assert not training.sft_args(S, "prompt_tuning", tmp_path / "ck").padding_free   # virtual tokens prefix rows
+
+
+def test_packed_sft_keeps_whole_rows_apart_in_sequences_of_pack_tokens(tmp_path, tiny_model_dir, monkeypatch):
+    """sft.pack_tokens: TRL packs whole rows (best-fit decreasing) into sequences of at most that many tokens, and
+    sit_varlen still attends within each row only (it gets every row's boundary)."""
+    from sitlib import attention
+
+    attention.register()
+    monkeypatch.setitem(PROFILES, "cpu", replace(PROFILES["cpu"], padding_free=True, attn_implementation="sit_varlen"))
+    monkeypatch.setattr(attention, "best_implementation", lambda device, dtype: attention.NAME)   # its exact fallback
+    S = _session(tmp_path, tiny_model_dir, **{"sft.pack_tokens": 80, "sft.batch_size": 1, "sft.max_steps": 2})
+    args = training.sft_args(S, "sft", tmp_path / "ck")
+    assert args.packing and args.packing_strategy == "bfd" and args.max_length == 80
+    seen = []   # (rows, tokens) of every packed sequence the attention saw
+    real = attention._per_row_sdpa
+    monkeypatch.setattr(attention, "_per_row_sdpa",
+                        lambda *a: seen.append((a[3].numel() - 1, int(a[3][-1]))) or real(*a))
+    assert _sft(S)["steps"] == 2
+    assert seen and all(1 < rows and tokens <= 80 for rows, tokens in seen)
+
+
+def test_pack_tokens_needs_a_padding_free_profile(tmp_path, tiny_model_dir):
+    S = _session(tmp_path, tiny_model_dir, **{"sft.pack_tokens": 80})
+    with pytest.raises(ConfigError, match=r"'sft.pack_tokens' \(80\) needs a padding-free profile; 'cpu'"):
+        training.sft_args(S, "sft", tmp_path / "ck")
+
+
+@pytest.mark.parametrize("liger,installed", [(True, True), (True, False), (False, True)])
+def test_liger_only_where_the_profile_asks_and_it_is_installed(tmp_path, tiny_model_dir, monkeypatch, liger,
+                                                               installed):
+    monkeypatch.setitem(PROFILES, "cpu", replace(PROFILES["cpu"], liger=liger))
+    monkeypatch.setattr(training, "liger_available", lambda: installed)
+    S = _session(tmp_path, tiny_model_dir)
+    for section in ("sft", "prompt_tuning"):
+        assert training.sft_args(S, section, tmp_path / "ck").use_liger_kernel == (liger and installed)
+
+
+@pytest.mark.parametrize("bf16_adapters", [True, False])
+def test_bf16_adapters_on_a_bf16_base(tmp_path, tiny_model_dir, bf16_adapters):
+    """PEFT keeps LoRA weights in fp32 on a bf16 base; bf16_adapters makes them (and a frozen copy) bf16."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+
+    S = _session(tmp_path, tiny_model_dir)
+    prof = replace(PROFILES["cpu"], dtype="bfloat16", bf16_adapters=bf16_adapters)
+    base = load_model(str(tiny_model_dir), S.profile).to(torch.bfloat16)
+    model = get_peft_model(base, lora_config(S.config.lora))
+    model.add_adapter("ref", lora_config(S.config.lora))   # DPO's frozen reference copy
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    training.match_adapter_dtype(SimpleNamespace(model=model), prof)
+    want = torch.bfloat16 if bf16_adapters else torch.float32
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {want}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
 
 
 def test_args_come_from_the_resolved_settings(tmp_path, tiny_model_dir):
