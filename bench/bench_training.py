@@ -302,7 +302,7 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
                   + (f", LoRA dropout {L.dropout}" if section == "sft" else "")
                   + (f", packed into {sec.pack_tokens} tokens" if getattr(sec, "pack_tokens", 0) else "")
                   + f", Liger {'on' if args.use_liger_kernel else 'off'}"
-                  + f", adapters {'bf16' if S.profile.bf16_adapters and S.profile.bf16 else 'fp32'}"
+                  + f", adapters {'bf16' if S.profile.adapters_bf16 else 'fp32'}"
                   + "".join(f", {k}={v}" for k, v in parse_sets(ARGS.trl).items()))
     return res
 

@@ -341,7 +341,7 @@ def match_adapter_dtype(trainer, profile) -> None:
     not (DPO's frozen reference adapter too). fp16 AMP (a T4 has no bf16) cannot unscale the bf16 gradients TRL
     gives a 4-bit model's adapter, so there it goes back to fp32."""
     for p in trainer.model.parameters():
-        if profile.bf16_adapters and profile.bf16 and p.dtype == torch.float32:
+        if profile.adapters_bf16 and p.dtype == torch.float32:
             p.data = p.data.to(torch.bfloat16)
         elif profile.load_in_4bit and not profile.bf16 and p.requires_grad and p.dtype == torch.bfloat16:
             p.data = p.data.float()

@@ -1,6 +1,7 @@
 """Profile choice from compute capability and memory (never from is_bf16_supported), fit checks, emulation,
 measured stage costs and precision flags."""
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -105,11 +106,13 @@ def test_gpu_profile_without_gpu_is_a_clear_error(monkeypatch):
         hardware.get_profile("v100")
 
 
-def test_weights_key_changes_exactly_with_dtype_and_4bit():
+def test_weights_key_changes_exactly_with_dtype_4bit_and_adapter_dtype():
     P = hardware.PROFILES
-    assert P["a100-80gb"].weights_key == P["h100"].weights_key == P["a100-40gb"].weights_key == "bfloat16"
+    assert P["a100-80gb"].weights_key == P["h100"].weights_key == P["a100-40gb"].weights_key == "bfloat16-bf16-adapters"
     assert P["t4"].weights_key == "float16-4bit" and P["cpu"].weights_key == "float32"
-    assert P["l4"].weights_key == "bfloat16"   # only its teacher is 4-bit; the student trains in bf16
+    assert P["l4"].weights_key == "bfloat16-bf16-adapters"   # only its teacher is 4-bit; the student trains in bf16
+    assert replace(P["h100"], bf16_adapters=False).weights_key == "bfloat16"
+    assert replace(P["cpu"], bf16_adapters=True).weights_key == "float32"   # not a bf16 base: adapters stay fp32
     assert P["l4"].teacher_in_4bit and not P["l4"].load_in_4bit
 
 
