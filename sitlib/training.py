@@ -28,7 +28,7 @@ from .generation import Sampling, chat_input_ids, generate
 # aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
 from . import checkpoints
 from .checkpoints import tokens_seen  # noqa: F401
-from .distributed import for_world, is_main_process, main_process_first, wait_for_everyone
+from .distributed import for_world, is_main_process, main_process_first, print_main, wait_for_everyone, world
 
 SFT_FILES = ("sft_train.jsonl", "sft_val.jsonl")
 DPO_FILES = ("dpo_train.jsonl", "dpo_val.jsonl")
@@ -197,6 +197,18 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def packed_for_world(sec, max_seq_length: int):
+    """(section, tokens per packed sequence) for this world. On W processes one configured sequence of N tokens
+    becomes W sequences of N / W, one per process (for_world then keeps the accumulation), so the tokens per
+    optimizer step stay as configured; where N / W would cut rows of max_seq_length, for_world's rule decides."""
+    size = world().size
+    if size == 1 or sec.pack_tokens // size < max_seq_length:
+        return sec, sec.pack_tokens
+    print_main(f"{size} processes: each packs sequences of {sec.pack_tokens // size} tokens "
+               f"(sft.pack_tokens {sec.pack_tokens} / {size})")
+    return dataclasses.replace(sec, gradient_accumulation=sec.gradient_accumulation * size), sec.pack_tokens // size
+
+
 def sft_args(session, section: str, ckpt_dir: Path):
     """`trl.SFTConfig` for "sft" (LoRA/QLoRA) or "prompt_tuning", from the resolved settings."""
     from trl import SFTConfig
@@ -209,6 +221,7 @@ def sft_args(session, section: str, ckpt_dir: Path):
             if not padding_free:
                 raise ConfigError(f"config key 'sft.pack_tokens' ({sec.pack_tokens}) needs a padding-free profile; "
                                   f"'{prof.name}' is not: set it to 0")
+            sec, pack = packed_for_world(sec, session.config.models.max_seq_length)
             extra.update(packing=True, packing_strategy="bfd")
     elif section == "prompt_tuning":
         # virtual tokens must prefix every row: padding-free packs rows into one sequence, so it stays off
@@ -217,7 +230,7 @@ def sft_args(session, section: str, ckpt_dir: Path):
         raise ValueError(f"sft_args: section must be 'sft' or 'prompt_tuning', got {section!r}")
     args = common_args(sec, session, ckpt_dir, padding_free)
     if extra.get("packing"):
-        args["max_length"] = sec.pack_tokens   # the packed sequence's length (rows were truncated when tokenized)
+        args["max_length"] = pack   # the packed sequence's length (rows were truncated when tokenized)
     # Liger patches the model's classes at Trainer init; where it is not installed training runs without it
     return SFTConfig(**args, completion_only_loss=True, use_liger_kernel=prof.liger and liger_available(), **extra)
 

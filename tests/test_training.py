@@ -233,6 +233,24 @@ def test_packed_sft_keeps_whole_rows_apart_in_sequences_of_pack_tokens(tmp_path,
     assert seen and all(1 < rows and tokens <= 80 for rows, tokens in seen)
 
 
+@pytest.mark.parametrize("world,accumulation,per_process_tokens,per_process_accumulation",
+                         [("1", 1, 2048, 1), ("2", 1, 1024, 1), ("4", 4, 2048, 1)])
+def test_packed_sequences_split_over_processes(tmp_path, tiny_model_dir, monkeypatch, world, accumulation,
+                                               per_process_tokens, per_process_accumulation):
+    """On W processes one sequence of pack_tokens becomes W of pack_tokens / W (the tokens per optimizer step stay);
+    where that would cut rows of models.max_seq_length, accumulation splits as before (here 4 over 4 processes)."""
+    from sitlib.distributed import for_world
+
+    S = _session(tmp_path, tiny_model_dir, **{"sft.pack_tokens": 2048, "sft.batch_size": 1,
+                                              "sft.gradient_accumulation": accumulation})
+    monkeypatch.setenv("WORLD_SIZE", world)
+    sec, tokens = training.packed_for_world(S.config.sft, 1024)
+    kw = for_world({"per_device_train_batch_size": sec.batch_size,
+                    "gradient_accumulation_steps": sec.gradient_accumulation})
+    assert (tokens, kw["gradient_accumulation_steps"]) == (per_process_tokens, per_process_accumulation)
+    assert S.config.sft.gradient_accumulation == accumulation   # the configured values stay (fingerprint, resume)
+
+
 def test_pack_tokens_needs_a_padding_free_profile(tmp_path, tiny_model_dir):
     S = _session(tmp_path, tiny_model_dir, **{"sft.pack_tokens": 80})
     with pytest.raises(ConfigError, match=r"'sft.pack_tokens' \(80\) needs a padding-free profile; 'cpu'"):
