@@ -57,8 +57,8 @@ def _set_aside(ckpt_dir: Path, old_key: str) -> Path:
 def prepare_checkpoints(ckpt_dir: Path, fp: str, weights_key: str) -> Optional[str]:
     """The newest complete checkpoint of a run with the same config, data and weights, or None.
 
-    - written under another `weights_key` (dtype / 4-bit / adapter dtype: optimizer states do not carry over): moved aside to
-      `<ckpt_dir>-<old key>`, start fresh;
+    - written under another `weights_key` (dtype / 4-bit / adapter dtype: optimizer states do not carry over):
+      moved aside to `<ckpt_dir>-<old key>`, start fresh;
     - same weights but another config/data fingerprint: stale, removed;
     - a checkpoint cut off mid-save (no trainer_state.json or no weights): removed, the older one is used.
     """

@@ -73,7 +73,8 @@ _BF16 = dict(device="cuda", dtype="bfloat16", tf32=True, attn_implementation="si
 # launch-bound (its kernels ran 0.96 s of 2.19 s at 8 x 3 rows), and one large micro-batch of a known size keeps
 # the GPU fed with bounded memory. 3B shape: 27,405 real tok/s against 7,913 for stock TRL's best (3.46x), losses
 # within 0.01% of SDPA on the same packed batches (bench/results/2026-11-30_NVIDIA_H200.json); rows of 1,024 tokens
-# peaked at 39.6 GB (memory_NVIDIA_H200.json). DPO keeps 4 x 4 (8 x 2 peaked at 73.5 GB, over 90% of the card).
+# peaked at 39.6 GB (memory_NVIDIA_H200.json). DPO keeps 4 x 4 (8 x 2 peaked at 73.5 GB with fp32
+# adapters, over 90% of the card; not measured since).
 # Generation pools are sized by free memory (generate never keeps more rows in flight than fit); the batch sizes
 # here only cap them. On an H200 the 8B teacher shape made 15,223 tok/s with the pool sized by memory (512 rows)
 # against 13,548 at 256 rows, and one decode step of the embedded 135M model took 11.4 ms at 1,024 rows against

@@ -213,7 +213,7 @@ def sft_args(session, section: str, ckpt_dir: Path):
     """`trl.SFTConfig` for "sft" (LoRA/QLoRA) or "prompt_tuning", from the resolved settings."""
     from trl import SFTConfig
 
-    sec, prof = getattr(session.config, section), session.profile
+    sec, prof, pack = getattr(session.config, section), session.profile, 0
     if section == "sft":
         extra = dict(optim=sec.optimizer, weight_decay=sec.weight_decay)
         padding_free = prof.padding_free
@@ -229,7 +229,7 @@ def sft_args(session, section: str, ckpt_dir: Path):
     else:
         raise ValueError(f"sft_args: section must be 'sft' or 'prompt_tuning', got {section!r}")
     args = common_args(sec, session, ckpt_dir, padding_free)
-    if extra.get("packing"):
+    if pack:
         args["max_length"] = pack   # the packed sequence's length (rows were truncated when tokenized)
     # Liger patches the model's classes at Trainer init; where it is not installed training runs without it
     return SFTConfig(**args, completion_only_loss=True, use_liger_kernel=prof.liger and liger_available(), **extra)
