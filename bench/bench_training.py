@@ -9,7 +9,7 @@ SFT variants: seed_recipe (4-bit NF4, checkpointing, dropout 0.05, padded, paged
 stock_best (TRL bf16 + padding-free + Liger when importable, dropout 0), sitlib (profile h100 with
 --sitlib-attn), sitlib_plain (the same profile with SDPA: padded rows, or the same packed sequences where the
 profile packs SFT rows; the loss reference for the faster attention). --trl KEY=VALUE sets SFTConfig fields of the
-sitlib variants (levers measured before a profile ships them).
+sitlib variants (and DPOConfig fields of sitlib's DPO: levers measured before a profile ships them).
 DPO: seed_recipe (policy and reference as two 4-bit models) vs sitlib (one bf16 base, the reference is a frozen
 copy of the adapter). Prompt tuning: seed_recipe (every batch padded to 2,048 tokens) vs sitlib.
 Merges {"sft": ..., "dpo": ..., "prompt_tuning": ...} into bench/results/<date>_<device>.json.
@@ -354,13 +354,18 @@ def dpo_sitlib(S, steps, n_params, warm):
     policy = training.dpo_policy(S, sft_final)
     args = training.dpo_args(S, S.paths.models_dpo / "bench")
     args.eval_strategy, args.save_strategy = "no", "no"
+    for key, value in parse_sets(ARGS.trl).items():   # levers measured here before a profile ships them
+        setattr(args, key, value)
     clock = Clock()
     tr = training.dpo_trainer(policy, args, train, None, tok, callbacks=[clock])
     training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
     res = measure(tr, clock, warm, n_params)
     d = S.config.dpo
     return {**res, "how": f"profile {S.profile.name}: one bf16 base, reference = frozen adapter copy, batch "
-                          f"{d.batch_size}x{d.gradient_accumulation}"}
+                          f"{d.batch_size}x{d.gradient_accumulation}, sampler {args.train_sampling_strategy}"
+                          f", Liger {'on' if args.use_liger_kernel else 'off'}"
+                          f", adapters {'bf16' if S.profile.adapters_bf16 else 'fp32'}"
+                          + "".join(f", {k}={v}" for k, v in parse_sets(ARGS.trl).items())}
 
 
 # ---------------------------------------------------------------- prompt tuning
@@ -415,6 +420,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="sft,dpo,prompt_tuning")
     ap.add_argument("--sft-variants", default="sitlib,stock_best,sitlib_plain,seed_recipe")
+    ap.add_argument("--variants", default="sitlib,seed_recipe", help="DPO and prompt tuning: which to run (a lever "
+                    "measured against an earlier sitlib run can skip the original recipe)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warm", type=int, default=5)
     ap.add_argument("--rows", type=int, default=900)
@@ -476,8 +483,11 @@ def main() -> None:
     if "dpo" in sections:
         res = {"sitlib": guarded(lambda: dpo_sitlib(fast, steps, n_params, a.warm))}
         print("dpo sitlib", json.dumps(res["sitlib"]), flush=True)
-        res["seed_recipe"] = guarded(lambda: dpo_seed_recipe(path, fast, steps, n_params, a.warm)) \
-            if have("bitsandbytes") else {"skipped": "bitsandbytes not importable"}
+        if "seed_recipe" in a.variants.split(","):
+            res["seed_recipe"] = guarded(lambda: dpo_seed_recipe(path, fast, steps, n_params, a.warm)) \
+                if have("bitsandbytes") else {"skipped": "bitsandbytes not importable"}
+        else:
+            res["seed_recipe"] = {"skipped": "not in --variants"}
         if res["seed_recipe"].get("real_tok_per_s") and res["sitlib"].get("real_tok_per_s"):
             res["sitlib_over_seed_recipe"] = round(res["sitlib"]["real_tok_per_s"] /
                                                    res["seed_recipe"]["real_tok_per_s"], 2)
@@ -485,7 +495,8 @@ def main() -> None:
 
     if "prompt_tuning" in sections:
         res = {"sitlib": guarded(lambda: sft_sitlib(fast, steps, n_params, a.warm, section="prompt_tuning")),
-               "seed_recipe": guarded(lambda: pt_seed_recipe(path, fast, steps, n_params, a.warm))}
+               "seed_recipe": guarded(lambda: pt_seed_recipe(path, fast, steps, n_params, a.warm))
+               if "seed_recipe" in a.variants.split(",") else {"skipped": "not in --variants"}}
         if res["seed_recipe"].get("real_tok_per_s") and res["sitlib"].get("real_tok_per_s"):
             res["sitlib_over_seed_recipe"] = round(res["sitlib"]["real_tok_per_s"] /
                                                    res["seed_recipe"]["real_tok_per_s"], 2)

@@ -86,8 +86,9 @@ _BF16 = dict(device="cuda", dtype="bfloat16", tf32=True, attn_implementation="si
 # (bench/results/quality_run_NVIDIA_H200_default_recipe/ is a run of this profile, before lora.dropout 0).
 # lora.dropout 0: as bench_training.py measured sitlib's SFT (no dropout kernels per adapter and step)
 _80GB = {"sft.batch_size": 1, "sft.gradient_accumulation": 1, "sft.pack_tokens": 12288,
-         "dpo.batch_size": 4, "dpo.gradient_accumulation": 4,
-         "generation.batch_size": 1024, "preference.batch_size": 1024, "evaluation.batch_size": 256,
+         "dpo.batch_size": 8, "dpo.gradient_accumulation": 2,
+         "prompt_tuning.batch_size": 24, "prompt_tuning.gradient_accumulation": 1,
+         "generation.batch_size": 2048, "preference.batch_size": 1024, "evaluation.batch_size": 256,
          "generation.constraint_share": 0.5, "generation.constraint_samples": 8, "dpo.learning_rate": 2e-5,
          "lora.dropout": 0.0}
 PROFILES: dict[str, Profile] = {

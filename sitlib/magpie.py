@@ -157,10 +157,11 @@ def answer_jobs(rows: list[dict], cfg: GenerationConfig) -> list[tuple[int, list
     return jobs
 
 
-def finish_row(row: dict, samples: list, repair: bool = False) -> dict:
+def finish_row(row: dict, samples: list, repair: bool = False, passed: Optional[list] = None) -> dict:
     """The row with its response; a constrained row keeps every sample, checked by code, and a passing one. With
     `repair` (generation.constraint_repair), where no sample passed, the first finished sample that code can edit
-    into a passing answer (sitlib.repair) is kept in its edited form; the samples stay as they were written."""
+    into a passing answer (sitlib.repair) is kept in its edited form; the samples stay as they were written.
+    `passed`: the samples' checks when already made (finish_rows), else they are made here."""
     from . import constraints
     from .repair import repair as repaired
 
@@ -168,8 +169,10 @@ def finish_row(row: dict, samples: list, repair: bool = False) -> dict:
         s = samples[0]
         return {**row, "response": s.text, "response_tokens": s.n_tokens, "response_complete": s.ended}
     cons, task = row["constraints"], row["base_instruction"]
-    checked = [{"text": s.text, "n_tokens": s.n_tokens, "ended": s.ended,
-                "passed": constraints.check(cons, s.text, task)} for s in samples]
+    if passed is None:
+        passed = [constraints.check(cons, s.text, task) for s in samples]
+    checked = [{"text": s.text, "n_tokens": s.n_tokens, "ended": s.ended, "passed": p}
+               for s, p in zip(samples, passed)]
     for c in checked:
         c["pass"] = all(c["passed"])
     # the kept answer passes every check and ended on EOS (a cut-off answer is never the one kept)
@@ -184,6 +187,18 @@ def finish_row(row: dict, samples: list, repair: bool = False) -> dict:
            "response_complete": kept["ended"], "samples": checked, "passing_samples": len(good),
            "constraint_pass": bool(good or edited), "repaired": edited is not None}
     return {**out, "repaired_from": edited[0]} if edited else out
+
+
+def finish_rows(rows: list[dict], samples: list[list], repair: bool = False) -> list[dict]:
+    """finish_row of each row, the constrained samples checked together (constraints.check_many: over several
+    processes where there are many and the cores to spare)."""
+    from . import constraints
+
+    items = [(r["constraints"], s.text, r["base_instruction"]) for r, ss in zip(rows, samples) if r.get("constraints")
+             for s in ss]
+    results = iter(constraints.check_many(items, constraints.check_workers(len(items))))
+    return [finish_row(r, ss, repair, [next(results) for _ in ss] if r.get("constraints") else None)
+            for r, ss in zip(rows, samples)]
 
 
 # Pass 2 hands `generate` this many batches' worth of answers per call: enough for its pool to refill as rows
@@ -219,8 +234,8 @@ def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int,
             k = jobs[j][0]
             got[k].append(c)
             if len(got[k]) == need[k]:
-                done.append(finish_row(rows[k], got[k], cfg.constraint_repair))
-        yield done
+                done.append(k)
+        yield finish_rows([rows[k] for k in done], [got[k] for k in done], cfg.constraint_repair)
 
 
 # ---------------------------------------------------------------- both passes over several devices
@@ -235,7 +250,7 @@ def teacher_shards(session) -> Optional[Shards]:
                 folder=session.paths.data_raw / ".instructions.shards", sampled=True)
 
 
-# ids per chunk over several devices at most: the 80 GB profiles cap pools at 1,024 rows, and chunks that large
+# ids per chunk over several devices at most: the 80 GB profiles cap pools at 2,048 rows, and chunks that large
 # would leave 1,500 instructions in 2 chunks, so 2 GPUs of 8 busy
 SHARD_IDS = 256
 

@@ -239,8 +239,11 @@ def dpo_args(session, ckpt_dir: Path):
     """`trl.DPOConfig` from the resolved `dpo` settings (β, loss type, lr, steps) and the profile."""
     from trl import DPOConfig
 
-    d = session.config.dpo
-    return DPOConfig(**common_args(d, session, ckpt_dir, padding_free=False), beta=d.beta, loss_type=[d.loss_type])
+    d, prof = session.config.dpo, session.profile
+    # TRL 1.16 turns DPO's padding_free off, so pairs of like length share batches (less padding to each batch's
+    # longest pair); Liger's layer kernels (RMSNorm, RoPE, SwiGLU) as for SFT: TRL keeps its own fused LM head
+    return DPOConfig(**common_args(d, session, ckpt_dir, padding_free=False), beta=d.beta, loss_type=[d.loss_type],
+                     train_sampling_strategy="group_by_length", use_liger_kernel=prof.liger and liger_available())
 
 
 def args_table(args):
@@ -382,10 +385,41 @@ def dpo_policy(session, sft_final: Path):
 def dpo_trainer(policy, args, train, val, tok, callbacks: Optional[list] = None):
     """The DPOTrainer exactly as notebook 06 builds it. No ref_model: TRL copies the policy's SFT adapter into a
     frozen "ref" adapter on the same base weights, so the reference is the SFT model and the base is loaded once."""
+    import warnings
+
+    with warnings.catch_warnings():   # TRL 1.16 marks use_liger_kernel deprecated for DPO; it still applies it
+        warnings.filterwarnings("ignore", message=".*use_liger_kernel.*", category=FutureWarning)
+        return _pair_grouped_dpo()(model=policy, ref_model=None, args=args, train_dataset=train, eval_dataset=val,
+                                   processing_class=tok, callbacks=callbacks)
+
+
+def pair_lengths(dataset) -> list[int]:
+    """Tokens of each tokenized pair in a padded DPO batch: its prompt plus the longer answer (TRL pads chosen and
+    rejected to one length)."""
+    return [len(p) + max(len(c), len(r)) for p, c, r in
+            zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+
+
+def _pair_grouped_dpo():
+    """trl.DPOTrainer whose group_by_length sampler measures pairs. transformers infers lengths from an
+    `input_ids` column, which DPO's tokenized rows lack (prompt_ids / chosen_ids / rejected_ids), and drops any
+    extra length column before building the sampler; evaluation keeps the plain order (its batches are few)."""
+    from torch.utils.data import SequentialSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import DPOTrainer
 
-    return DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=train, eval_dataset=val,
-                      processing_class=tok, callbacks=callbacks)
+    class PairGroupedDPOTrainer(DPOTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            ds = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or "prompt_ids" not in ds.column_names:
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=pair_lengths(ds))
+
+        def _get_eval_sampler(self, eval_dataset):
+            return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
+    return PairGroupedDPOTrainer
 
 
 @dataclass

@@ -70,6 +70,48 @@ def test_check_passes_and_fails_by_code():
     assert not constraints.passes(cons, "   ")
 
 
+def _many_items(n: int) -> list[tuple]:
+    rng = random.Random(7)
+    words = "the river bends north and Seven quiet hills stand over it while birds sing".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for _ in range(n)]
+    # language and case checks included: they run langdetect, which is random unless seeded
+    fixed = [{"id": "language:response_language", "kwargs": {"language": "en"}},
+             {"id": "change_case:english_lowercase", "kwargs": {}}]
+    return [(constraints.draw(rng, 3) + fixed[: i % 3], t, "Write about a river.") for i, t in enumerate(texts)]
+
+
+def test_checks_over_worker_processes_equal_the_serial_checks():
+    items = _many_items(24)
+    serial = constraints.check_many(items)
+    assert serial == [constraints.check(*it) for it in items]
+    assert any(all(r) for r in serial) and any(not all(r) for r in serial)
+    assert constraints.check_many(items, workers=2) == serial
+
+
+def test_check_workers_only_with_cores_and_items_to_spare(monkeypatch):
+    import os
+    import sys
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert constraints.check_workers(10_000) == 0          # a 2-core machine checks in this process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", "/env/site-packages/ipykernel_launcher.py", raising=False)
+    assert constraints.check_workers(10) == 0              # too few items to pay for starting workers
+    assert constraints.check_workers(4_000) == 8           # a notebook's kernel
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", "/home/me/make_data.py")
+    assert constraints.check_workers(4_000) == 0           # a script: workers would run it again
+
+
+def test_finish_rows_checks_together_as_finish_row_does_alone():
+    from sitlib.generation import Completion
+
+    rows, samples = [], []
+    for k, (cons, text, task) in enumerate(_many_items(6)):
+        rows.append({"id": k, "instruction": task, "base_instruction": task, "constraints": cons if k % 2 else []})
+        samples.append([Completion(text, 30, True), Completion(text.upper(), 30, k % 3 == 0)][: 1 + k % 2])
+    assert magpie.finish_rows(rows, samples) == [magpie.finish_row(r, s) for r, s in zip(rows, samples)]
+
+
 def test_apply_appends_ifeval_wording():
     picked = constraints.draw(random.Random(3), 2)
     text = constraints.apply("Write about the sea. ", picked)

@@ -265,6 +265,37 @@ def test_liger_only_where_the_profile_asks_and_it_is_installed(tmp_path, tiny_mo
     S = _session(tmp_path, tiny_model_dir)
     for section in ("sft", "prompt_tuning"):
         assert training.sft_args(S, section, tmp_path / "ck").use_liger_kernel == (liger and installed)
+    assert training.dpo_args(S, tmp_path / "ck").use_liger_kernel == (liger and installed)
+
+
+def test_dpo_batches_group_pairs_by_their_padded_length(tmp_path, tiny_model_dir):
+    """transformers' length grouping needs an input_ids column, which tokenized DPO pairs lack: the sampler must
+    measure each pair as prompt + longer answer, and one epoch must still visit every pair once."""
+    from peft import get_peft_model
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    S = _session(tmp_path, tiny_model_dir, **{"dpo.batch_size": 2, "dpo.gradient_accumulation": 2})
+    words = "one two three four five six seven eight nine ten".split()
+    pairs = [{"prompt": [{"role": "user", "content": f"Say {w}."}],
+              "chosen": [{"role": "assistant", "content": " ".join(words[:1 + i % 10])}],
+              "rejected": [{"role": "assistant", "content": " ".join(words[:1 + (3 * i) % 10])}]}
+             for i, w in enumerate(words * 2)]
+    write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:16])
+    write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[16:])
+    tok = load_tokenizer(str(tiny_model_dir))
+    train, val = training.preference_split(S)
+    policy = get_peft_model(load_model(str(tiny_model_dir), S.profile, for_training=True), lora_config(S.config.lora))
+    trainer = training.dpo_trainer(policy, training.dpo_args(S, tmp_path / "ck"), train, val, tok)
+    ds = trainer.train_dataset
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    want = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    assert sampler.lengths == want and len(set(want)) > 3
+    order = list(sampler)
+    assert sorted(order) == list(range(len(ds)))
+    assert want[order[0]] == max(want)   # transformers' grouping puts the longest batch first
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4   # chosen and rejected of 2 pairs
 
 
 @pytest.mark.parametrize("bf16_adapters", [True, False])
