@@ -74,7 +74,8 @@ class PoolTimer:
     def report(self) -> dict:
         rows = self.rows or [0]
         hist = collections.Counter(min(r // 128 * 128, 4096) for r in rows)
-        return {"seconds": {k: round(v, 2) for k, v in self.seconds.items()}, "calls": dict(self.calls),
+        # "step" and "admit" include the "_pick" they call
+        return {"method_seconds": {k: round(v, 2) for k, v in self.seconds.items()}, "calls": dict(self.calls),
                 "steps": len(self.rows), "mean_rows_in_flight": round(sum(rows) / len(rows), 1),
                 "steps_by_rows_in_flight_128s": dict(sorted(hist.items()))}
 

@@ -73,13 +73,15 @@ _BF16 = dict(device="cuda", dtype="bfloat16", tf32=True, attn_implementation="si
 # launch-bound (its kernels ran 0.96 s of 2.19 s at 8 x 3 rows), and one large micro-batch of a known size keeps
 # the GPU fed with bounded memory. 3B shape: 27,405 real tok/s against 7,913 for stock TRL's best (3.46x), losses
 # within 0.01% of SDPA on the same packed batches (bench/results/2026-11-30_NVIDIA_H200.json); rows of 1,024 tokens
-# peaked at 39.6 GB (memory_NVIDIA_H200.json). DPO keeps 4 x 4 (8 x 2 peaked at 73.5 GB with fp32
-# adapters, over 90% of the card; not measured since).
+# peaked at 39.6 GB (memory_NVIDIA_H200.json). DPO and prompt tuning take larger micro-batches at the same rows
+# per optimizer step (their steps wait on the host as SFT's did): DPO 8 x 2 with Liger and bf16 adapters ran
+# 11,525 real tok/s against 6,889 at 4 x 4 (dpo_pt_levers_NVIDIA_H200.json) and peaked at 48.1 GB with rows of
+# 1,024 tokens; prompt tuning 24 x 1 ran 24,040 against 9,849 at 12 x 2 and peaked at 48.9 GB.
 # Generation pools are sized by free memory (generate never keeps more rows in flight than fit); the batch sizes
-# here only cap them. On an H200 the 8B teacher shape made 15,223 tok/s with the pool sized by memory (512 rows)
-# against 13,548 at 256 rows, and one decode step of the embedded 135M model took 11.4 ms at 1,024 rows against
-# 5.9 ms at 256: 90k against 43k tok/s (bench/results/2026-11-29_NVIDIA_H200.json,
-# profile_pool_135m_NVIDIA_H200.json).
+# here only cap them, so the 8B teacher on an 80 GB card stays memory-bound (peak 69.8 GB) while the embedded
+# 135M teacher keeps up to 2,048 rows in flight: 02's answer pass took 40.6 s, against 47.5 s (the first pass) and
+# 50.8 s at 1,024 rows (profile_answers_NVIDIA_H200.json). On an H200 the 8B shape made 17,193 tok/s with 2,048 prompts and the pool
+# sized by memory, 17,534 at 1,024 rows (2026-11-30_NVIDIA_H200.json).
 # The reward model keeps its own batch (scoring.REWARD_BATCH).
 # Recipe: half the instructions carry verifiable constraints, answered 8 times each (more rows pass the checks
 # for SFT and give pass/fail pairs for DPO), and DPO at 2e-5 so the LoRA policy moves within its ~25 steps
