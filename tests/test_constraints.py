@@ -95,9 +95,9 @@ def test_check_workers_only_with_cores_and_items_to_spare(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
     assert constraints.check_workers(10_000) == 0          # a 2-core machine checks in this process
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(sys.modules["__main__"], "__file__", "/env/site-packages/ipykernel_launcher.py", raising=False)
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", None, raising=False)   # as in a notebook's kernel
     assert constraints.check_workers(10) == 0              # too few items to pay for starting workers
-    assert constraints.check_workers(4_000) == 8           # a notebook's kernel
+    assert constraints.check_workers(4_000) == 8
     monkeypatch.setattr(sys.modules["__main__"], "__file__", "/home/me/make_data.py")
     assert constraints.check_workers(4_000) == 0           # a script: workers would run it again
 
