@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -167,6 +168,11 @@ def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tok
         # LoRA on frozen weights: forward 2N + input gradients 2N FLOPs per token (recomputation not counted)
         out.update(real_tok_per_s=round(tps), step_s=round((t[-1] - t[warm - 1]) / (len(t) - warm), 3),
                    mfu=mfu(4 * n_params * tps), timed_steps=len(t) - warm)
+        # single steps can take seconds more than their neighbours: the median step's rate and the slowest step
+        # show whether the window's rate rests on one of them
+        steps = [(ntok[i] - ntok[i - 1], t[i] - t[i - 1]) for i in range(warm, len(t))]
+        out.update(median_step_tok_per_s=round(statistics.median(n / s for n, s in steps)),
+                   slowest_step_s=round(max(s for _, s in steps), 3))
     return out
 
 
