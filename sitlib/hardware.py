@@ -80,8 +80,8 @@ _BF16 = dict(device="cuda", dtype="bfloat16", tf32=True, attn_implementation="si
 # Generation pools are sized by free memory (generate never keeps more rows in flight than fit); the batch sizes
 # here only cap them, so the 8B teacher on an 80 GB card stays memory-bound (peak 69.8 GB) while the embedded
 # 135M teacher keeps up to 2,048 rows in flight: 02's answer pass took 40.6 s, against 47.5 s (the first pass) and
-# 50.8 s at 1,024 rows (profile_answers_NVIDIA_H200.json). On an H200 the 8B shape made 17,193 tok/s with 2,048 prompts and the pool
-# sized by memory, 17,534 at 1,024 rows (2026-11-30_NVIDIA_H200.json).
+# 50.8 s at 1,024 rows (profile_answers_NVIDIA_H200.json). On an H200 the 8B shape made 17,193 tok/s with 2,048
+# prompts and the pool sized by memory, 17,534 at 1,024 rows (2026-11-30_NVIDIA_H200.json).
 # The reward model keeps its own batch (scoring.REWARD_BATCH).
 # Recipe: half the instructions carry verifiable constraints, answered 8 times each (more rows pass the checks
 # for SFT and give pass/fail pairs for DPO), and DPO at 2e-5 so the LoRA policy moves within its ~25 steps
