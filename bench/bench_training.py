@@ -289,8 +289,7 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=S.config.prompt_tuning.num_virtual_tokens)
     args = training.sft_args(S, section, S.paths.models_sft / "bench")
     args.eval_strategy, args.save_strategy = "no", "no"
-    for key, value in parse_sets(ARGS.trl).items():   # levers measured here before a profile ships them
-        setattr(args, key, value)
+    set_trl(args)
     clock = Clock()
     extra = []
     if profile and ARGS.torch_profile:   # N more steps after the timed ones, under the profiler (not timed; the
@@ -298,8 +297,8 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
         args.max_steps = steps + ARGS.torch_profile
         extra = [StepProfile(steps, ARGS.torch_profile, Path(ARGS.out) / f"profile_{section}_{ARGS.shape}_"
                              f"{common.device_name().replace(' ', '_')}.txt")]
-    tr = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_cfg,
-                    callbacks=[clock, *extra])
+    tr = training.length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, processing_class=tok,
+                                             peft_config=peft_cfg, callbacks=[clock, *extra])
     training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
     res = measure(tr, clock, warm, n_params, timed=steps)
     sec = getattr(S.config, section)
@@ -360,8 +359,7 @@ def dpo_sitlib(S, steps, n_params, warm):
     policy = training.dpo_policy(S, sft_final)
     args = training.dpo_args(S, S.paths.models_dpo / "bench")
     args.eval_strategy, args.save_strategy = "no", "no"
-    for key, value in parse_sets(ARGS.trl).items():   # levers measured here before a profile ships them
-        setattr(args, key, value)
+    set_trl(args)
     clock = Clock()
     tr = training.dpo_trainer(policy, args, train, None, tok, callbacks=[clock])
     training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
@@ -412,6 +410,15 @@ def guarded(run) -> dict:
         free()
 
 
+def set_trl(args) -> None:
+    """--trl KEY=VALUE onto a built SFTConfig / DPOConfig: levers measured here before a profile ships them. A key
+    the config class lacks stops the run (a typo must not time the default)."""
+    for key, value in parse_sets(ARGS.trl).items():
+        if not hasattr(args, key):
+            raise SystemExit(f"--trl {key}: not a field of {type(args).__name__}")
+        setattr(args, key, value)
+
+
 def parse_sets(items) -> dict:
     out = {}
     for item in items or []:
@@ -442,6 +449,8 @@ def main() -> None:
                     "after its timed ones (profile_sft_<shape>_<device>.txt in --out)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ARGS = a = ap.parse_args()
+    if a.warm < 1:
+        ap.error("--warm must be at least 1 (the timed window starts after a finished step)")
     if os.environ.get("SIT_BENCH_RANDOM_FINGERPRINTS"):
         random_fingerprints()
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -88,7 +88,10 @@ def answer_pass(model, tok, cfg, rows, seed) -> tuple[list, float]:
 def with_variant(cfg, spec: str):
     sets = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
     slice_batches = int(sets.pop("slice_batches", magpie.SLICE_BATCHES))
-    fields = {k.split(".", 1)[1]: type(getattr(cfg, k.split(".", 1)[1]))(json.loads(v)) for k, v in sets.items()}
+    bad = [k for k in sets if not k.startswith("generation.") or not hasattr(cfg, k.split(".", 1)[1])]
+    if bad:
+        raise SystemExit(f"--variant: {', '.join(bad)} is not a generation config key (or slice_batches)")
+    fields = {k.split(".", 1)[1]: json.loads(v) for k, v in sets.items()}
     return dataclasses.replace(cfg, **fields), slice_batches
 
 

@@ -84,16 +84,17 @@ def check_workers(n_items: int) -> int:
     """Processes for n_items checks: IFEval's language and case checkers run langdetect (10-30 ms a call), and 02's
     3,880 sampled answers took 16 s to check on one core of an H200 machine, while the GPU waited. Spread where
     there are cores to spare and enough items to pay for starting workers (~2 s: they import nltk); none on 2-core
-    machines (Colab's smaller ones, CI), inside a daemonic process (it may not start children), or under a main
-    module that is a file: a spawned worker imports it again, which runs a script written without an
-    `if __name__ == "__main__"` guard a second time. A notebook kernel's main module has no file."""
+    machines (Colab's smaller ones, CI), inside a process multiprocessing started (a GPU shard's worker: the shards
+    already check side by side), or under a main module that is a file: a spawned worker imports it again, which
+    runs a script written without an `if __name__ == "__main__"` guard a second time. A notebook kernel's main
+    module has no file."""
     import multiprocessing
     import os
     import sys
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     main = getattr(sys.modules.get("__main__"), "__file__", None) or ""
-    if cores < 4 or n_items < 256 or multiprocessing.current_process().daemon or main:
+    if cores < 4 or n_items < 256 or multiprocessing.parent_process() is not None or main:
         return 0
     return min(8, cores - 1)
 

@@ -368,8 +368,8 @@ def sft_trainer(model, args, train, val, tok, peft_config, callbacks: Optional[l
     `peft_config` (no get_peft_model beforehand)."""
     from trl import SFTTrainer
 
-    return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok,
-                      peft_config=peft_config, callbacks=callbacks)
+    return length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, eval_dataset=val,
+                                      processing_class=tok, peft_config=peft_config, callbacks=callbacks)
 
 
 def dpo_policy(session, sft_final: Path):
@@ -385,41 +385,73 @@ def dpo_policy(session, sft_final: Path):
 def dpo_trainer(policy, args, train, val, tok, callbacks: Optional[list] = None):
     """The DPOTrainer exactly as notebook 06 builds it. No ref_model: TRL copies the policy's SFT adapter into a
     frozen "ref" adapter on the same base weights, so the reference is the SFT model and the base is loaded once."""
-    import warnings
-
-    with warnings.catch_warnings():   # TRL 1.16 marks use_liger_kernel deprecated for DPO; it still applies it
-        warnings.filterwarnings("ignore", message=".*use_liger_kernel.*", category=FutureWarning)
-        return _pair_grouped_dpo()(model=policy, ref_model=None, args=args, train_dataset=train, eval_dataset=val,
-                                   processing_class=tok, callbacks=callbacks)
-
-
-def pair_lengths(dataset) -> list[int]:
-    """Tokens of each tokenized pair in a padded DPO batch: its prompt plus the longer answer (TRL pads chosen and
-    rejected to one length)."""
-    return [len(p) + max(len(c), len(r)) for p, c, r in
-            zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
-
-
-def _pair_grouped_dpo():
-    """trl.DPOTrainer whose group_by_length sampler measures pairs. transformers infers lengths from an
-    `input_ids` column, which DPO's tokenized rows lack (prompt_ids / chosen_ids / rejected_ids), and drops any
-    extra length column before building the sampler; evaluation keeps the plain order (its batches are few)."""
-    from torch.utils.data import SequentialSampler
-    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import DPOTrainer
 
-    class PairGroupedDPOTrainer(DPOTrainer):
+    return length_grouped(DPOTrainer)(model=policy, ref_model=None, args=args, train_dataset=train,
+                                      eval_dataset=val, processing_class=tok, callbacks=callbacks)
+
+
+def row_lengths(dataset) -> list[int]:
+    """Tokens of each tokenized row in a padded batch: a DPO pair's prompt plus its longer answer (TRL pads chosen
+    and rejected to one length), else the row's input_ids."""
+    if "prompt_ids" in dataset.column_names:
+        return [len(p) + max(len(c), len(r)) for p, c, r in
+                zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+    return [len(ids) for ids in dataset["input_ids"]]
+
+
+class EpochSeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """transformers' LengthGroupedSampler, its shuffle seeded by seed + epoch (set_epoch, which the Trainer calls
+    every epoch) instead of the global RNG: a run resumed in epoch k skips the batches it already trained in the
+    order it trained them, on every process alike."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, lengths, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=gen))
+
+
+def length_grouped(trainer_cls):
+    """`trainer_cls` (trl.SFTTrainer or trl.DPOTrainer) whose group_by_length batches come from
+    EpochSeededLengthGroupedSampler; transformers' own sampler draws from the global RNG (a resume past the first
+    epoch would see another order) and measures rows by an input_ids column, which DPO's tokenized pairs lack.
+    Evaluation of pairs keeps the plain order (its batches are few). TRL 1.16 calls use_liger_kernel deprecated
+    for DPO, yet still applies Liger's layer kernels (it keeps its own fused LM head): that warning is not shown."""
+    import warnings
+
+    from torch.utils.data import SequentialSampler
+
+    class LengthGrouped(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*use_liger_kernel.*", category=FutureWarning)
+                super().__init__(*args, **kwargs)
+
         def _get_train_sampler(self, train_dataset=None):
             ds = self.train_dataset if train_dataset is None else train_dataset
-            if self.args.train_sampling_strategy != "group_by_length" or "prompt_ids" not in ds.column_names:
+            if self.args.train_sampling_strategy != "group_by_length":
                 return super()._get_train_sampler(train_dataset)
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=pair_lengths(ds))
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, row_lengths(ds), seed)
 
         def _get_eval_sampler(self, eval_dataset):
-            return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+            if eval_dataset is not None and "prompt_ids" in eval_dataset.column_names:
+                return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+            return super()._get_eval_sampler(eval_dataset)
 
-    return PairGroupedDPOTrainer
+    LengthGrouped.__name__ = LengthGrouped.__qualname__ = f"LengthGrouped{trainer_cls.__name__}"
+    return LengthGrouped
 
 
 @dataclass

@@ -92,13 +92,19 @@ def test_check_workers_only_with_cores_and_items_to_spare(monkeypatch):
     import os
     import sys
 
+    import multiprocessing
+
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", None, raising=False)   # as in a notebook's kernel
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
     assert constraints.check_workers(10_000) == 0          # a 2-core machine checks in this process
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(sys.modules["__main__"], "__file__", None, raising=False)   # as in a notebook's kernel
     assert constraints.check_workers(10) == 0              # too few items to pay for starting workers
     assert constraints.check_workers(4_000) == 8
-    monkeypatch.setattr(sys.modules["__main__"], "__file__", "/home/me/make_data.py")
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
+    assert constraints.check_workers(4_000) == 0           # a GPU shard's worker process
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", "/home/me/make_data.py", raising=False)
     assert constraints.check_workers(4_000) == 0           # a script: workers would run it again
 
 
@@ -109,7 +115,10 @@ def test_finish_rows_checks_together_as_finish_row_does_alone():
     for k, (cons, text, task) in enumerate(_many_items(6)):
         rows.append({"id": k, "instruction": task, "base_instruction": task, "constraints": cons if k % 2 else []})
         samples.append([Completion(text, 30, True), Completion(text.upper(), 30, k % 3 == 0)][: 1 + k % 2])
-    assert magpie.finish_rows(rows, samples) == [magpie.finish_row(r, s) for r, s in zip(rows, samples)]
+    for repair in (False, True):
+        alone = [magpie.finish_row(r, s, repair) for r, s in zip(rows, samples)]
+        assert magpie.finish_rows(rows, samples, repair) == alone
+    assert sum(len(r.get("samples", [])) for r in alone) >= 3 and "response" in alone[0]
 
 
 def test_apply_appends_ifeval_wording():

@@ -272,7 +272,6 @@ def test_dpo_batches_group_pairs_by_their_padded_length(tmp_path, tiny_model_dir
     """transformers' length grouping needs an input_ids column, which tokenized DPO pairs lack: the sampler must
     measure each pair as prompt + longer answer, and one epoch must still visit every pair once."""
     from peft import get_peft_model
-    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     S = _session(tmp_path, tiny_model_dir, **{"dpo.batch_size": 2, "dpo.gradient_accumulation": 2})
     words = "one two three four five six seven eight nine ten".split()
@@ -288,14 +287,23 @@ def test_dpo_batches_group_pairs_by_their_padded_length(tmp_path, tiny_model_dir
     trainer = training.dpo_trainer(policy, training.dpo_args(S, tmp_path / "ck"), train, val, tok)
     ds = trainer.train_dataset
     sampler = trainer._get_train_sampler()
-    assert isinstance(sampler, LengthGroupedSampler)
+    assert isinstance(sampler, training.EpochSeededLengthGroupedSampler)
     want = [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
     assert sampler.lengths == want and len(set(want)) > 3
     order = list(sampler)
     assert sorted(order) == list(range(len(ds)))
-    assert want[order[0]] == max(want)   # transformers' grouping puts the longest batch first
+    assert want[order[0]] == max(want)   # transformers' grouping puts the longest row first
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 4   # chosen and rejected of 2 pairs
+    assert next(iter(trainer.get_eval_dataloader()))["input_ids"].shape[0] == 4
+    # the order follows seed + epoch, not the global RNG: a resumed run replays the epoch it stopped in
+    orders = []
+    for epoch, noise in ((1, 0), (1, 99), (2, 0)):
+        torch.manual_seed(noise)
+        again = trainer._get_train_sampler()
+        again.set_epoch(epoch)
+        orders.append(list(again))
+    assert orders[0] == orders[1] != orders[2]
 
 
 @pytest.mark.parametrize("bf16_adapters", [True, False])
