@@ -81,13 +81,13 @@ def _check_item(item: tuple) -> list[bool]:
 
 
 def check_workers(n_items: int) -> int:
-    """Processes for n_items checks: IFEval's language and case checkers run langdetect (10-30 ms a call), and 02's
-    3,880 sampled answers took 16 s to check on one core of an H200 machine, while the GPU waited. Spread where
-    there are cores to spare and enough items to pay for starting workers (~2 s: they import nltk); none on 2-core
-    machines (Colab's smaller ones, CI), inside a process multiprocessing started (a GPU shard's worker: the shards
-    already check side by side), or under a main module that is a file: a spawned worker imports it again, which
-    runs a script written without an `if __name__ == "__main__"` guard a second time. A notebook kernel's main
-    module has no file."""
+    """Processes for n_items checks: IFEval's language and case checkers run langdetect, and 02's 3,880 sampled
+    answers took 15.6 s to check on one core of an H200 machine while the GPU waited (bench/profile_answers.py).
+    Spread where there are cores to spare and enough items to pay for starting workers (each imports nltk); none on
+    2-core machines (Colab's smaller ones, CI), inside a process multiprocessing started (a GPU shard's worker: the
+    shards already check side by side), or under a main module that is a file: a spawned worker imports it again,
+    which runs a script written without an `if __name__ == "__main__"` guard a second time. A notebook kernel's
+    main module has no file."""
     import multiprocessing
     import os
     import sys

@@ -74,7 +74,7 @@ _BF16 = dict(device="cuda", dtype="bfloat16", tf32=True, attn_implementation="si
 # the GPU fed with bounded memory. 3B shape: 27,405 real tok/s against 7,913 for stock TRL's best (3.46x), losses
 # within 0.01% of SDPA on the same packed batches (bench/results/2026-11-30_NVIDIA_H200.json); rows of 1,024 tokens
 # peaked at 39.6 GB (memory_NVIDIA_H200.json). DPO and prompt tuning take larger micro-batches at the same rows
-# per optimizer step (their steps wait on the host as SFT's did): DPO 8 x 2 with Liger and bf16 adapters ran
+# per optimizer step (fewer, larger steps, as for SFT, whose step waited on the host): DPO 8 x 2 with Liger ran
 # 11,525 real tok/s against 6,889 at 4 x 4 (dpo_pt_levers_NVIDIA_H200.json) and peaked at 48.1 GB with rows of
 # 1,024 tokens; prompt tuning 24 x 1 ran 24,040 against 9,849 at 12 x 2 and peaked at 48.9 GB.
 # Generation pools are sized by free memory (generate never keeps more rows in flight than fit); the batch sizes
