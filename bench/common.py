@@ -104,6 +104,8 @@ def versions() -> dict:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = None
+    # the CUDA caching allocator's setting (PYTORCH_CUDA_ALLOC_CONF changes step times: bench/README.md)
+    out["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "default"
     return out
 
 

@@ -40,6 +40,9 @@ class GenerationConfig:
     response_temperature: float = 0.7
     response_top_p: float = 0.9
     response_max_new_tokens: int = 512
+    # CTRL repetition penalty on the tokens a row has generated (instructions and answers); None: 1.0 (off), or
+    # EMBEDDED_REPETITION_PENALTY when the teacher is the embedded 135M model, whose samples fall into loops
+    repetition_penalty: Optional[float] = None
     # verifiable instruction-following data: this share of instructions gets 1..max_constraints IFEval-style
     # constraints appended; the teacher answers constraint_samples times and code checks each answer
     constraint_share: float = 0.3
@@ -80,6 +83,7 @@ class PreferenceConfig:
     chunk_size: int = 32
     # who writes the candidates: "teacher" (at each temperature) or "sft" (the 05 adapter; run 04 after 05)
     candidate_source: str = "teacher"
+    repetition_penalty: Optional[float] = None   # as generation.repetition_penalty, for the candidates' model
 
 
 @dataclass
@@ -252,8 +256,9 @@ def _read_file(path: str | Path | None) -> tuple[Path, dict]:
 
 
 def load_config(path: str | Path | None = None, profile_overrides: dict | None = None,
-                overrides: dict | None = None) -> Config:
-    """config.json (or `path`), then the profile's dotted overrides, then the caller's dotted overrides."""
+                overrides: dict | None = None, by_model: bool = True) -> Config:
+    """config.json (or `path`), then the profile's dotted overrides, then the caller's dotted overrides; then the
+    settings left null that follow the model (`resolve_by_model`), unless by_model is False."""
     path, data = _read_file(path)
     cfg = Config()
     layers = [(f"{path}: ", data), ("the profile's settings: ", _dotted_to_nested(profile_overrides or {})),
@@ -264,6 +269,25 @@ def load_config(path: str | Path | None = None, profile_overrides: dict | None =
         except ConfigError as e:
             raise ConfigError(f"{where}{e}") from None
     check_ranges(cfg, lambda key: next((w for w, layer in reversed(layers) if _has(layer, key)), ""))
+    return resolve_by_model(cfg) if by_model else cfg
+
+
+# The embedded SmolLM2-135M loops when it samples: on 64 Magpie rows (CPU, 02 at the 80 GB lengths) a penalty of 1.2
+# took the rows kept by 03's rules from 22 to 29, "repetitive" from 21 to 0 and cut-off answers from 31 to 14
+EMBEDDED_REPETITION_PENALTY = 1.2
+
+
+def resolve_by_model(cfg: Config) -> Config:
+    """Settings left null to follow the model: the repetition penalty of the teacher (02) and of whoever writes
+    the preference candidates (04: the teacher, or the student's SFT adapter)."""
+    def penalty(model: str) -> float:
+        return EMBEDDED_REPETITION_PENALTY if model == "embedded" else 1.0
+
+    if cfg.generation.repetition_penalty is None:
+        cfg.generation.repetition_penalty = penalty(cfg.models.teacher)
+    if cfg.preference.repetition_penalty is None:
+        who = cfg.models.teacher if cfg.preference.candidate_source == "teacher" else cfg.models.student
+        cfg.preference.repetition_penalty = penalty(who)
     return cfg
 
 
@@ -298,6 +322,7 @@ _STEPS = (lambda v: v == -1 or v >= 1), "-1 (whole epochs) or ≥ 1"
 _DEVICES = ((lambda v: v == "auto" or (isinstance(v, int) and v >= 1) or
              (isinstance(v, list) and bool(v) and all(isinstance(d, str) for d in v))),
             "'auto', a number of devices ≥ 1, or a list such as ['cuda:0', 'cuda:1']")
+_PENALTY = (lambda v: v is None or v > 0), "null (by teacher) or > 0"
 _TRAINING = ("sft", "prompt_tuning", "dpo")
 # key → (test, allowed range as the error states it); `*` stands for each training section
 RANGES = {
@@ -311,6 +336,7 @@ RANGES = {
     "generation.instruction_max_new_tokens": _at_least(1), "generation.response_max_new_tokens": _at_least(1),
     "generation.constraint_share": _between(0, 1, False, False), "generation.max_constraints": _at_least(1),
     "generation.constraint_samples": _at_least(1), "sft.pack_tokens": _at_least(0), "generation.devices": _DEVICES,
+    "generation.repetition_penalty": _PENALTY, "preference.repetition_penalty": _PENALTY,
     "filter.min_instruction_words": _at_least(0), "filter.min_response_words": _at_least(0),
     "filter.max_instruction_words": _at_least(1), "filter.max_response_words": _at_least(1),
     "filter.max_non_ascii_ratio": _between(0, 1, False, False),
@@ -384,16 +410,20 @@ _DICT_VALUED = {"cost.units_per_hour"}
 def explain(config_path: str | Path | None = None, profile_name: str = "", profile_overrides: dict | None = None,
             overrides: dict | None = None, sections: Optional[list[str]] = None) -> list[dict]:
     """The resolved settings with the layer that set each: {"key", "value", "source"}, source being
-    "config.json" (the file; "default" when the file lacks the key), "profile <name>" or "parameter".
+    "config.json" (the file; "default" when the file lacks the key), "profile <name>" or "parameter", with
+    ": null, by model" where that layer left it null and the model decided (`resolve_by_model`).
     `sections` (e.g. ["sft", "lora"]) limits the rows; the config is validated exactly as load_config does."""
     path, data = _read_file(config_path)
     cfg = load_config(config_path, profile_overrides, overrides)
     sources = {k: path.name for k in _flatten(data)}
     sources.update({k: f"profile {profile_name}".strip() for k in (profile_overrides or {})})
     sources.update({k: "parameter" for k in (overrides or {})})
+    unresolved = load_config(config_path, profile_overrides, overrides, by_model=False)
     rows = []
     for key, value in _flatten(cfg.to_dict()).items():
         if sections and key.split(".")[0] not in sections:
             continue
-        rows.append({"key": key, "value": value, "source": sources.get(key, "default")})
+        by_model = _flatten(unresolved.to_dict())[key] is None and value is not None
+        rows.append({"key": key, "value": value,
+                     "source": f"{sources.get(key, 'default')}: null, by model" if by_model else sources.get(key, "default")})
     return rows

@@ -92,6 +92,37 @@ class BlockFirstTokens:
         return scores
 
 
+class RepetitionPenalty:
+    """Logits processor: CTRL's repetition penalty (positive scores divided by `penalty`, negative ones multiplied)
+    on every token the row has already *generated*. transformers' RepetitionPenaltyLogitsProcessor counts the prompt
+    as well, which would steer an answer away from the instruction's own words (a keyword it must use).
+    `prompt_len` as in BlockFirstTokens; both generation paths set it."""
+
+    def __init__(self, penalty: float, prompt_len: Union[int, torch.Tensor] = 0):
+        if penalty <= 0:
+            raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+        self.penalty = penalty
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows, vocab = scores.shape
+        cols = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        start = self.prompt_len.to(input_ids.device).unsqueeze(1) if isinstance(self.prompt_len, torch.Tensor) \
+            else self.prompt_len
+        # prompt columns (and ids past the scores, e.g. a padded embedding) go to a spare last column: every write
+        # is True, so repeated ids need no ordering
+        ids = torch.where((cols >= start) & (input_ids < vocab), input_ids, vocab)
+        seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=scores.device)
+        seen.scatter_(1, ids, True)
+        penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
+        return torch.where(seen[:, :vocab], penalised, scores)
+
+
+def penalty_processors(penalty: Optional[float]) -> list:
+    """A repetition penalty (generation.repetition_penalty or preference's) as a processor; none at 1.0."""
+    return [] if penalty in (None, 1.0) else [RepetitionPenalty(penalty)]
+
+
 def markdown_header_tokens(tok) -> list[int]:
     """Every token whose text, leading spaces removed, starts with '#'."""
     return [tid for tid in range(len(tok)) if tok.decode([tid]).lstrip(" \t").startswith("#")]

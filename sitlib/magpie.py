@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import append_jsonl, read_jsonl, write_metrics
 from .config import GenerationConfig
-from .generation import BlockFirstTokens, Sampling, chat_input_ids, generate
+from .generation import BlockFirstTokens, Sampling, chat_input_ids, generate, penalty_processors
 from .sharding import Shards
 
 SENTINEL = "\u2063SIT-USER-TURN\u2063"
@@ -120,7 +120,8 @@ def draft_instructions(model, tok, cfg: GenerationConfig, ids: list[int], seed: 
     inputs = [tok(pre_query_text(tok, s), add_special_tokens=False)["input_ids"] for s in systems]
     torch.manual_seed(seed + (ids[0] if ids else 0))
     outs = generate(model, tok, inputs, Sampling(cfg.instruction_max_new_tokens, cfg.instruction_temperature,
-                                                 cfg.instruction_top_p), cfg.batch_size, processors)
+                                                 cfg.instruction_top_p), cfg.batch_size,
+                    processors + penalty_processors(cfg.repetition_penalty))
     rows = []
     for i, s, o in zip(ids, systems, outs):
         t = None if o.ended else trim_instruction(o.text)
@@ -230,7 +231,8 @@ def answer_rows(model, tok, cfg: GenerationConfig, rows: list[dict], seed: int,
     for start in range(0, len(jobs), step):
         idx = list(range(start, min(start + step, len(jobs))))
         done = []
-        for j, c in zip(idx, generate(model, tok, [inputs[j] for j in idx], sampling, cfg.batch_size)):
+        for j, c in zip(idx, generate(model, tok, [inputs[j] for j in idx], sampling, cfg.batch_size,
+                                      penalty_processors(cfg.repetition_penalty))):
             k = jobs[j][0]
             got[k].append(c)
             if len(got[k]) == need[k]:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .artifacts import append_jsonl, read_jsonl, write_jsonl, write_metrics
 from .config import PreferenceConfig
 from .errors import BadInputError, ConfigError, MissingInputError
-from .generation import Sampling, chat_input_ids, generate
+from .generation import Sampling, chat_input_ids, generate, penalty_processors
 from .sharding import Shards
 
 SOURCES = ("teacher", "sft")
@@ -78,7 +78,8 @@ def sample_candidates(model, tok, items: list[dict], cfg: PreferenceConfig, seed
     temps = list(cfg.temperatures)
     torch.manual_seed(seed)
     flat = generate(model, tok, [x for x in inputs for _ in temps],
-                    [Sampling(cfg.max_new_tokens, t, cfg.top_p) for _ in inputs for t in temps], cfg.batch_size)
+                    [Sampling(cfg.max_new_tokens, t, cfg.top_p) for _ in inputs for t in temps], cfg.batch_size,
+                    penalty_processors(cfg.repetition_penalty))
     return [flat[i * len(temps):(i + 1) * len(temps)] for i in range(len(items))]
 
 

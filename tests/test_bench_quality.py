@@ -77,3 +77,10 @@ def test_missing_file_names_the_notebook(run_tree):
     (run_tree / "evaluation" / "results" / "benchmark_results.json").unlink()
     with pytest.raises(MissingInputError, match="07_benchmark_evaluation"):
         load_bench_quality().quality(run_tree)
+
+
+def test_a_series_in_parts_keeps_every_stage_seconds(tmp_path):
+    """01-04 in one call and 05-09 in the next on the same tree: the record holds both parts' seconds."""
+    bench_quality = load_bench_quality()
+    assert bench_quality.merged_seconds(tmp_path, {"01": 39.0, "02": 75.1}) == {"01": 39.0, "02": 75.1}
+    assert bench_quality.merged_seconds(tmp_path, {"02": 70.0, "05": 48.1}) == {"01": 39.0, "02": 70.0, "05": 48.1}

@@ -140,3 +140,33 @@ def test_a_bad_value_names_the_layer_that_set_it(tmp_path):
     f.write_text(json.dumps({"sft": {"rowz": "all"}}))
     with pytest.raises(ConfigError, match=r"^\S*mine\.json: unknown config key 'sft\.rowz'"):
         load_config(f)
+
+
+def test_repetition_penalty_follows_the_model_unless_set():
+    from sitlib.config import EMBEDDED_REPETITION_PENALTY as EMB
+
+    hub = load_config(None, None, {})
+    assert hub.generation.repetition_penalty == 1.0 and hub.preference.repetition_penalty == 1.0
+    emb = load_config(None, None, {"models.teacher": "embedded"})
+    assert emb.generation.repetition_penalty == EMB != 1.0 and emb.preference.repetition_penalty == EMB
+    # candidates from the SFT adapter: the student's model decides
+    sft = load_config(None, None, {"models.teacher": "embedded", "preference.candidate_source": "sft"})
+    assert sft.preference.repetition_penalty == 1.0
+    own = load_config(None, None, {"models.teacher": "embedded", "generation.repetition_penalty": 1.05})
+    assert own.generation.repetition_penalty == 1.05
+
+
+def test_repetition_penalty_out_of_range_names_the_key():
+    with pytest.raises(ConfigError, match=r"generation.repetition_penalty.*out of range"):
+        load_config(None, None, {"generation.repetition_penalty": 0})
+
+
+def test_explain_says_when_the_model_decided():
+    from sitlib.config import explain
+
+    rows = {r["key"]: r for r in explain(None, "cpu", PROFILES["cpu"].overrides, {}, sections=["generation"])}
+    assert rows["generation.repetition_penalty"]["source"] == "config.json: null, by model"
+    rows = {r["key"]: r for r in explain(None, "cpu", PROFILES["cpu"].overrides,
+                                         {"generation.repetition_penalty": 1.1}, sections=["generation"])}
+    assert rows["generation.repetition_penalty"] == {"key": "generation.repetition_penalty", "value": 1.1,
+                                                     "source": "parameter"}

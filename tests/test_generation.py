@@ -401,3 +401,55 @@ def test_the_padded_batch_fallback_is_capped_by_memory_too(lm, monkeypatch):
                         lambda m, t, i, p, batch, *a: seen.append(batch) or real(m, t, i, p, batch, *a))
     out = G.generate(model, tok, _prompts(5), G.Sampling.greedy(3), batch_size=256)
     assert seen == [3] and len(out) == 5
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["int", "per-row"])
+def test_repetition_penalty_counts_only_generated_tokens(per_row):
+    """Scores of tokens the row generated are divided (positive) or multiplied (negative) by the penalty, once
+    however often they occur; a token seen only in the prompt keeps its score (a keyword the instruction asks for)."""
+    ids = torch.tensor([[1, 2, 3, 3, 4], [2, 2, 1, 1, 1]])
+    prompt_len = torch.tensor([2, 2]) if per_row else 2
+    scores = torch.tensor([[2.0, -2.0, 4.0, -1.0, 3.0, 5.0], [2.0, -2.0, 4.0, -1.0, 3.0, 5.0]])
+    out = G.RepetitionPenalty(2.0, prompt_len)(ids, scores.clone())
+    assert out[0].tolist() == [2.0, -2.0, 4.0, -2.0, 1.5, 5.0]   # 3 and 4 generated; 1, 2 only in the prompt
+    assert out[1].tolist() == [2.0, -4.0, 4.0, -1.0, 3.0, 5.0]   # 1 generated three times: penalised once
+
+
+def test_repetition_penalty_per_row_prompt_lengths():
+    ids = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    out = G.RepetitionPenalty(2.0, torch.tensor([1, 3]))(ids, torch.ones(2, 4))
+    assert out.tolist() == [[1.0, 1.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]]
+
+
+def _greedy_with_penalty(model, prompt, n, penalty, eos):
+    """Reference: one prompt alone, no cache, the penalty applied by hand to the tokens generated so far."""
+    ids, new = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            x = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            for t in set(new):
+                x[t] = x[t] / penalty if x[t] > 0 else x[t] * penalty
+            t = int(x.argmax())
+            if t in eos:
+                break
+            new.append(t)
+            ids.append(t)
+    return new
+
+
+def test_repetition_penalty_in_both_generation_paths(decode, lm):
+    """The pool and transformers' generate (prompt tuning's path) apply the same penalty, equal to a by-hand
+    greedy loop, and it changes what the tiny model repeats."""
+    model, tok = lm
+    inputs = _prompts(6, seed=11)
+    s = G.Sampling.greedy(16)
+    pen = G.penalty_processors(1.8)
+    ours = G.generate(model, tok, inputs, s, batch_size=3, logits_processors=pen)
+    ref = G._generate_hf_batches(model, tok, inputs, [s] * len(inputs), 4, pen, _Quiet())
+    assert [(c.text, c.n_tokens) for c in ours] == [(c.text, c.n_tokens) for c in ref]
+    eos = set(G.eos_ids(model, tok))
+    for p, c in zip(inputs[:3], ours):
+        assert c.text == tok.decode(_greedy_with_penalty(model, p, 16, 1.8, eos), skip_special_tokens=True).strip()
+    plain = G.generate(model, tok, inputs, s, batch_size=3)
+    assert [c.text for c in plain] != [c.text for c in ours]
+    assert G.penalty_processors(1.0) == [] and G.penalty_processors(None) == []
