@@ -324,7 +324,7 @@ _STEPS = (lambda v: v == -1 or v >= 1), "-1 (whole epochs) or ≥ 1"
 _DEVICES = ((lambda v: v == "auto" or (isinstance(v, int) and v >= 1) or
              (isinstance(v, list) and bool(v) and all(isinstance(d, str) for d in v))),
             "'auto', a number of devices ≥ 1, or a list such as ['cuda:0', 'cuda:1']")
-_PENALTY = (lambda v: v is None or v > 0), "null (by teacher) or > 0"
+_PENALTY = (lambda v: v is None or v > 0), "null (by model) or > 0"
 _TRAINING = ("sft", "prompt_tuning", "dpo")
 # key → (test, allowed range as the error states it); `*` stands for each training section
 RANGES = {
@@ -420,12 +420,12 @@ def explain(config_path: str | Path | None = None, profile_name: str = "", profi
     sources = {k: path.name for k in _flatten(data)}
     sources.update({k: f"profile {profile_name}".strip() for k in (profile_overrides or {})})
     sources.update({k: "parameter" for k in (overrides or {})})
-    unresolved = load_config(config_path, profile_overrides, overrides, by_model=False)
+    unresolved = _flatten(load_config(config_path, profile_overrides, overrides, by_model=False).to_dict())
     rows = []
     for key, value in _flatten(cfg.to_dict()).items():
         if sections and key.split(".")[0] not in sections:
             continue
-        by_model = _flatten(unresolved.to_dict())[key] is None and value is not None
-        rows.append({"key": key, "value": value,
-                     "source": f"{sources.get(key, 'default')}: null, by model" if by_model else sources.get(key, "default")})
+        source = sources.get(key, "default")
+        by_model = unresolved[key] is None and value is not None
+        rows.append({"key": key, "value": value, "source": f"{source}: null, by model" if by_model else source})
     return rows
