@@ -103,10 +103,36 @@ class Clock:
         class _Clock(TrainerCallback):
             def __init__(self):
                 self.t = []
+                # per step, what could stall it: Python's garbage collector (seconds it ran) and the CUDA
+                # allocator (cudaMalloc calls, and retries after freeing its cache because no block fit)
+                self.events, self.gc_s, self._gc_t0 = [], 0.0, None
+                gc.callbacks.append(self._gc)
+
+            def _gc(self, phase, info):
+                if phase == "start":
+                    self._gc_t0 = time.perf_counter()
+                elif self._gc_t0 is not None:
+                    self.gc_s += time.perf_counter() - self._gc_t0
+
+            def _alloc(self) -> dict:
+                if not torch.cuda.is_available():
+                    return {}
+                m = torch.cuda.memory_stats()
+                return {k: m.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+
+            def on_step_begin(self, args, state, control, **kw):
+                self._start = (self.gc_s, self._alloc())
 
             def on_step_end(self, args, state, control, **kw):
                 sync()
                 self.t.append(time.perf_counter())
+                gc0, a0 = self._start
+                a1 = self._alloc()
+                self.events.append({"gc_s": round(self.gc_s - gc0, 3), **{k: a1[k] - a0[k] for k in a1}})
+
+            def on_train_end(self, args, state, control, **kw):
+                if self._gc in gc.callbacks:
+                    gc.callbacks.remove(self._gc)
 
         return _Clock()
 
@@ -173,6 +199,8 @@ def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tok
         steps = [(ntok[i] - ntok[i - 1], t[i] - t[i - 1]) for i in range(warm, len(t))]
         out.update(median_step_tok_per_s=round(statistics.median(n / s for n, s in steps)),
                    slowest_step_s=round(max(s for _, s in steps), 3), seconds_per_step=[round(s, 3) for _, s in steps])
+        if len(clock.events) >= len(t):   # the same steps' garbage collection and allocator calls
+            out["step_events"] = clock.events[warm:len(t)]
     return out
 
 
