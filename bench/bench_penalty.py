@@ -1,12 +1,13 @@
 """02 with and without a repetition penalty: the embedded teacher (SmolLM2-135M) writes the same Magpie rows under
 each penalty (same seed, 02's lengths on the 80 GB profiles: instructions up to 256 tokens, answers up to 384, no
-system prompt, half the rows constrained and answered 4 times), then 03's rules say why rows would be dropped.
+system prompt, half the rows constrained and answered 4 times), then 03's rules say why rows would be dropped, and
+the model's own loss on the kept answers says how unlikely they are to it (where SFT on them starts).
 
     python bench/bench_penalty.py [--rows 64] [--penalties 1.0,1.2] [--out bench/results]
 
 Writes <out>/repetition_penalty_<device>.json: {"device", "rows", "settings", "penalties": {P: {"kept",
-"reasons", "constrained_rows_with_a_passing_answer", "constraint_samples_passed", "constraint_samples_total",
-"instruction_complete_rate", "response_complete_rate", "seconds"}}}. Runs on the CPU (~6 min per penalty at 64
+"kept_answer_loss", "reasons", "constrained_rows_with_a_passing_answer", "constraint_samples_passed",
+"constraint_samples_total", "instruction_complete_rate", "response_complete_rate", "seconds"}}}. Runs on the CPU (~6 min per penalty at 64
 rows on 2 cores) or a GPU.
 """
 from __future__ import annotations
@@ -26,6 +27,27 @@ SETTINGS = {"generation.system_prompt": None, "generation.instruction_max_new_to
             "generation.constraint_share": 0.5, "generation.constraint_samples": 4}
 
 
+def answer_nll(model, tok, rows: list[dict]) -> float:
+    """Mean loss per answer token of the kept rows under the model itself, as SFT computes it (05's tokenization):
+    what a student that is also the teacher starts its training from."""
+    import torch
+
+    from sitlib import filtering, training
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            inst, resp = filtering.row_texts(r)
+            ex = training.tokenize_sft(tok, {"prompt": [{"role": "user", "content": inst}],
+                                             "completion": [{"role": "assistant", "content": resp}]}, 1024)
+            ids = torch.tensor([ex["input_ids"]], device=model.device)
+            mask = torch.tensor(ex["completion_mask"][1:], dtype=torch.bool, device=model.device)
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            total, count = total + float(nll[mask].sum()), count + int(mask.sum())
+    return round(total / count, 4) if count else None
+
+
 def one(model, tok, profile, rows: int, penalty: float, work: Path) -> dict:
     from sitlib import filtering, magpie
     from sitlib.artifacts import read_jsonl
@@ -38,7 +60,8 @@ def one(model, tok, profile, rows: int, penalty: float, work: Path) -> dict:
     m = magpie.run_generation(model, tok, cfg.generation, out, work / f"metrics_{penalty}.json", "embedded", seed=42)
     made = read_jsonl(out)
     reasons = [filtering.rule_reasons(r, cfg.filter) for r in made]
-    return {"kept": sum(not r for r in reasons),
+    kept = [r for r, why in zip(made, reasons) if not why]
+    return {"kept": len(kept), "kept_answer_loss": answer_nll(model, tok, kept),
             "reasons": dict(collections.Counter(x for r in reasons for x in r).most_common()),
             **{k: m.get(k) for k in ("constrained_rows_with_a_passing_answer", "constraint_samples_passed",
                                      "constraint_samples_total", "instruction_complete_rate",
