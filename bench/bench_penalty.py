@@ -7,8 +7,8 @@ the model's own loss on the kept answers says how unlikely they are to it (where
 
 Writes <out>/repetition_penalty_<device>.json: {"device", "rows", "settings", "penalties": {P: {"kept",
 "kept_answer_loss", "reasons", "constrained_rows_with_a_passing_answer", "constraint_samples_passed",
-"constraint_samples_total", "instruction_complete_rate", "response_complete_rate", "seconds"}}}. Runs on the CPU (~6 min per penalty at 64
-rows on 2 cores) or a GPU.
+"constraint_samples_total", "instruction_complete_rate", "response_complete_rate", "seconds"}}}. Runs on the CPU
+(6-7 min per penalty at 64 rows on 2 cores) or a GPU.
 """
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ def answer_nll(model, tok, rows: list[dict]) -> float:
             inst, resp = filtering.row_texts(r)
             ex = training.tokenize_sft(tok, {"prompt": [{"role": "user", "content": inst}],
                                              "completion": [{"role": "assistant", "content": resp}]}, 1024)
-            ids = torch.tensor([ex["input_ids"]], device=model.device)
-            mask = torch.tensor(ex["completion_mask"][1:], dtype=torch.bool, device=model.device)
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-            total, count = total + float(nll[mask].sum()), count + int(mask.sum())
+            labels = [t if m else -100 for t, m in zip(ex["input_ids"], ex["completion_mask"])]
+            n = sum(ex["completion_mask"][1:])   # transformers' loss: the mean over the shifted answer tokens
+            loss = model(input_ids=torch.tensor([ex["input_ids"]], device=model.device),
+                         labels=torch.tensor([labels], device=model.device)).loss
+            total, count = total + float(loss) * n, count + n
     return round(total / count, 4) if count else None
 
 
