@@ -94,6 +94,12 @@ def model_dir(shape: str) -> Path:
 
 # ---------------------------------------------------------------- measuring
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache: one more per kernel compiled (a fresh cache: set TRITON_CACHE_DIR)."""
+    d = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for _ in d.iterdir()) if d.is_dir() else 0
+
+
 class Clock:
     """A TrainerCallback (built lazily: transformers is imported late) that stamps the end of every step."""
 
@@ -106,7 +112,13 @@ class Clock:
                 # per step, what could stall it: Python's garbage collector (seconds it ran) and the CUDA
                 # allocator (cudaMalloc calls, and retries after freeing its cache because no block fit)
                 self.events, self.gc_s, self._gc_t0 = [], 0.0, None
+                self.shapes: list = []   # input shapes of the forwards in this step (attach)
                 gc.callbacks.append(self._gc)
+
+            def attach(self, model) -> None:
+                """Note the input shape of every forward of `model` (a new shape can mean new kernels)."""
+                model.get_input_embeddings().register_forward_pre_hook(
+                    lambda mod, inp: self.shapes.append(list(inp[0].shape)))
 
             def _gc(self, phase, info):
                 if phase == "start":
@@ -121,14 +133,17 @@ class Clock:
                 return {k: m.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
 
             def on_step_begin(self, args, state, control, **kw):
-                self._start = (self.gc_s, self._alloc())
+                self._start = (self.gc_s, self._alloc(), triton_cache_entries())
+                self.shapes = []
 
             def on_step_end(self, args, state, control, **kw):
                 sync()
                 self.t.append(time.perf_counter())
-                gc0, a0 = self._start
+                gc0, a0, k0 = self._start
                 a1 = self._alloc()
-                self.events.append({"gc_s": round(self.gc_s - gc0, 3), **{k: a1[k] - a0[k] for k in a1}})
+                self.events.append({"gc_s": round(self.gc_s - gc0, 3), **{k: a1[k] - a0[k] for k in a1},
+                                    "triton_compiles": triton_cache_entries() - k0,
+                                    "shapes": sorted({tuple(s) for s in self.shapes})})
 
             def on_train_end(self, args, state, control, **kw):
                 if self._gc in gc.callbacks:
@@ -390,6 +405,7 @@ def dpo_sitlib(S, steps, n_params, warm):
     set_trl(args)
     clock = Clock()
     tr = training.dpo_trainer(policy, args, train, None, tok, callbacks=[clock])
+    clock.attach(tr.model)
     training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
     res = measure(tr, clock, warm, n_params)
     d = S.config.dpo

@@ -268,6 +268,32 @@ def test_liger_only_where_the_profile_asks_and_it_is_installed(tmp_path, tiny_mo
     assert training.dpo_args(S, tmp_path / "ck").use_liger_kernel == (liger and installed)
 
 
+def test_padded_batches_round_up_to_64_tokens_on_a_gpu_only(tmp_path, tiny_model_dir, monkeypatch):
+    """DPO and prompt tuning pad each batch to a multiple of 64 on a GPU profile (measured faster there), and the
+    trainer's collator honours it; on the CPU they pad to the batch's longest row."""
+    from peft import get_peft_model
+
+    S = _session(tmp_path, tiny_model_dir)
+    assert training.dpo_args(S, tmp_path / "ck").pad_to_multiple_of is None
+    assert training.sft_args(S, "prompt_tuning", tmp_path / "ck").pad_to_multiple_of is None
+    S = _session(tmp_path, tiny_model_dir, **{"dpo.batch_size": 2})
+    monkeypatch.setattr(S, "profile", replace(S.profile, device="cuda"))
+    assert training.sft_args(S, "prompt_tuning", tmp_path / "ck").pad_to_multiple_of == training.GPU_PAD_MULTIPLE
+    args = training.dpo_args(S, tmp_path / "ck")
+    assert args.pad_to_multiple_of == training.GPU_PAD_MULTIPLE == 64
+    args.use_cpu = True   # this machine has no GPU; the collator is the same
+    pairs = [{"prompt": [{"role": "user", "content": f"Say {i}."}], "chosen": [{"role": "assistant", "content": "yes"}],
+              "rejected": [{"role": "assistant", "content": "no " * (i + 1)}]} for i in range(4)]
+    write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs)
+    write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[:2])
+    train, val = training.preference_split(S)
+    policy = get_peft_model(load_model(str(tiny_model_dir), PROFILES["cpu"], for_training=True),
+                            lora_config(S.config.lora))
+    trainer = training.dpo_trainer(policy, args, train, val, load_tokenizer(str(tiny_model_dir)))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] == 64 and batch["attention_mask"].sum() < batch["attention_mask"].numel()
+
+
 def test_dpo_batches_group_pairs_by_their_padded_length(tmp_path, tiny_model_dir):
     """transformers' length grouping needs an input_ids column, which tokenized DPO pairs lack: the sampler must
     measure each pair as prompt + longer answer, and one epoch must still visit every pair once."""
