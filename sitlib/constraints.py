@@ -9,9 +9,12 @@ import copy
 import random
 from functools import lru_cache
 
-# Types never drawn: repeat_prompt asks to copy the request back (its argument is the request itself, and a model
-# taught to echo learns nothing useful); two_responses needs two full answers, too long for the answer budget.
-EXCLUDED = {"combination:repeat_prompt", "combination:two_responses"}
+# Types only code can answer for a small teacher, drawn only where generation.constraint_repair is on (sitlib.repair):
+# repeat_prompt asks to copy the request back first, two_responses for two answers split by "******". No sample of
+# the embedded model did either on the suite (0 of 8), so without repair they would only add failed rows.
+REPAIR_ONLY = {"combination:repeat_prompt", "combination:two_responses"}
+# Its argument is the request itself: attach() fills it; the instruction goes before the request, as IFEval asks it.
+REPEAT = "combination:repeat_prompt"
 
 # Pairs IFEval's registry allows that cannot both hold: a reply wrapped whole in quotes cannot end on a fixed
 # phrase; an end phrase must be last, so no P.S. after it; all-lowercase text cannot write "P.S.".
@@ -34,10 +37,10 @@ def conflicts() -> dict[str, frozenset]:
     return {k: frozenset(v) for k, v in table.items()}
 
 
-def usable_types() -> list[str]:
+def usable_types(repair: bool = False) -> list[str]:
     from .checks import IFEVAL_TYPES
 
-    return sorted(t for t in IFEVAL_TYPES if t not in EXCLUDED)
+    return sorted(t for t in set(IFEVAL_TYPES) | {REPEAT} if repair or t not in REPAIR_ONLY)
 
 
 def compatible(ids: list[str]) -> bool:
@@ -46,12 +49,13 @@ def compatible(ids: list[str]) -> bool:
     return all(b not in table.get(a, frozenset({a})) for i, a in enumerate(ids) for b in ids[i + 1:])
 
 
-def draw(rng: random.Random, max_constraints: int) -> list[dict]:
-    """1..max_constraints compatible constraints, {"id", "kwargs", "text"} each, drawn with `rng`."""
+def draw(rng: random.Random, max_constraints: int, repair: bool = False) -> list[dict]:
+    """1..max_constraints compatible constraints, {"id", "kwargs", "text"} each, drawn with `rng` (REPAIR_ONLY
+    types too where `repair`). A repeat_prompt's request ("?" here) is filled in by attach()."""
     from .checks import ifeval_instruction
 
     want = rng.randint(1, max(1, max_constraints))
-    types = usable_types()
+    types = usable_types(repair)
     rng.shuffle(types)
     picked: list[dict] = []
     for t in types:
@@ -59,14 +63,24 @@ def draw(rng: random.Random, max_constraints: int) -> list[dict]:
             break
         if not compatible([p["id"] for p in picked] + [t]):
             continue   # skip a type that contradicts one already drawn
-        text, kwargs = ifeval_instruction(t, rng=rng)
+        text, kwargs = ifeval_instruction(t, {"prompt_to_repeat": "?"} if t == REPEAT else None, rng=rng)
         picked.append({"id": t, "kwargs": kwargs, "text": text})
     return picked
 
 
+def attach(instruction: str, constraints: list[dict]) -> tuple[str, list[dict]]:
+    """(the prompt, the constraints as checked): the constraints' sentences appended to the instruction, as IFEval
+    writes its prompts; a repeat_prompt's sentence goes first and the rest of the prompt is the request to repeat."""
+    rest = " ".join([instruction.rstrip()] + [c["text"].strip() for c in constraints if c["id"] != REPEAT])
+    if not any(c["id"] == REPEAT for c in constraints):
+        return rest, constraints
+    bound = [{**c, "kwargs": {"prompt_to_repeat": rest}} if c["id"] == REPEAT else c for c in constraints]
+    return f"{next(c['text'] for c in bound if c['id'] == REPEAT).strip()} {rest}", bound
+
+
 def apply(instruction: str, constraints: list[dict]) -> str:
-    """The instruction with the constraints' sentences appended, as IFEval writes its prompts."""
-    return " ".join([instruction.rstrip()] + [c["text"].strip() for c in constraints])
+    """The prompt of attach()."""
+    return attach(instruction, constraints)[0]
 
 
 def check(constraints: list[dict], response: str, prompt: str = "") -> list[bool]:

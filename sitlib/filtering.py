@@ -128,7 +128,9 @@ def rule_reasons(row: dict, cfg: FilterConfig) -> list[str]:
     both = inst + resp
     if both and sum(ord(c) > 127 for c in both) / len(both) > cfg.max_non_ascii_ratio:
         reasons.append("non_english")
-    if max(repeated_ngram_ratio(inst), repeated_ngram_ratio(resp)) > cfg.max_repeated_ngram_ratio:
+    # two responses split by "******" (IFEval's two_responses) answer the same task twice: each is measured alone
+    if max([repeated_ngram_ratio(inst)] + [repeated_ngram_ratio(r) for r in resp.split("******")]) \
+            > cfg.max_repeated_ngram_ratio:
         reasons.append("repetitive")
     if TEMPLATE_LEAK.search(inst) or TEMPLATE_LEAK.search(resp):
         reasons.append("template_leak")

@@ -140,11 +140,10 @@ def add_constraints(rows: list[dict], cfg: GenerationConfig, seed: int) -> list[
         rng = row_rng(seed + 1, row["id"])
         if cfg.constraint_share <= 0 or rng.random() >= cfg.constraint_share or not row["instruction_complete"]:
             continue
-        picked = constraints.draw(rng, cfg.max_constraints)
+        picked = constraints.draw(rng, cfg.max_constraints, cfg.constraint_repair)
         if picked:
             row["base_instruction"] = row["instruction"]
-            row["instruction"] = constraints.apply(row["instruction"], picked)
-            row["constraints"] = picked
+            row["instruction"], row["constraints"] = constraints.attach(row["instruction"], picked)
     return rows
 
 
@@ -180,7 +179,9 @@ def finish_row(row: dict, samples: list, repair: bool = False, passed: Optional[
     good = [c for c in checked if c["pass"] and c["ended"]]
     best, edited = (good[0] if good else checked[0]), None
     if repair and not good:
-        edited = next(((i, e) for i, c in enumerate(checked) if c["ended"] and (e := repaired(cons, c["text"], task))),
+        done = [c["text"] for c in checked if c["ended"]]
+        edited = next(((i, e) for i, c in enumerate(checked)
+                       if c["ended"] and (e := repaired(cons, c["text"], task, [o for o in done if o != c["text"]]))),
                       None)
     kept = checked[edited[0]] if edited else best
     # response_tokens: what the teacher wrote (an edit adds a few characters, never tokens it generated)

@@ -50,10 +50,16 @@ def test_draws_are_compatible_seeded_and_in_range():
         picked = constraints.draw(random.Random(seed), 3)
         ids = [p["id"] for p in picked]
         assert 1 <= len(ids) <= 3 and len(set(ids)) == len(ids)
-        assert all(i in IFEVAL_TYPES and i not in constraints.EXCLUDED for i in ids)
+        assert all(i in IFEVAL_TYPES and i not in constraints.REPAIR_ONLY for i in ids)
         assert not any(b in table[a] for k, a in enumerate(ids) for b in ids[k + 1:]), ids
         assert all(p["text"].strip() for p in picked)
         assert constraints.draw(random.Random(seed), 3) == picked     # the same rng draws the same constraints
+
+
+def test_types_only_code_answers_are_drawn_only_with_repair():
+    drawn = {p["id"] for seed in range(400) for p in constraints.draw(random.Random(seed), 3, repair=True)}
+    assert constraints.REPAIR_ONLY <= drawn
+    assert constraints.draw(random.Random(5), 3) == constraints.draw(random.Random(5), 3, repair=False)
 
 
 def test_known_conflicts_are_never_combined():

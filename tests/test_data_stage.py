@@ -108,6 +108,16 @@ def test_rules_record_every_reason():
     assert stats["kept"] == 0 and stats["reasons"]["refusal"] == 1
 
 
+def test_two_responses_are_each_measured_for_repetition_alone():
+    one = ("Tides rise and fall twice a day because the moon pulls on the oceans and the sun adds a smaller pull "
+           "so the highest tides come when both line up.")
+    other = one.replace("twice a day", "two times daily")
+    cfg = FilterConfig(min_score=0.0)
+    assert filtering.repeated_ngram_ratio(f"{one} {other}") > cfg.max_repeated_ngram_ratio
+    assert "repetitive" not in filtering.rule_reasons(_row(0, "Explain the tides please.", f"{one}\n******\n{other}"), cfg)
+    assert "repetitive" in filtering.rule_reasons(_row(1, "Explain the tides please.", f"{one} {other}"), cfg)
+
+
 def _run_filter_cli(tmp_path, lines, *extra):
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(lines) + "\n")

@@ -12,11 +12,14 @@ ANSWER = ("Tides rise and fall twice a day, because the moon pulls on the oceans
 TASK = "Explain why the sea has tides"
 
 
+OTHER = "The moon's gravity pulls the water toward it, and the earth turns under that bulge of water."
+
+
 def _cons(*ids, seed=0):
     rng = random.Random(seed)
     out = []
     for i in ids:
-        text, kwargs = ifeval_instruction(i, rng=rng)
+        text, kwargs = ifeval_instruction(i, {"prompt_to_repeat": TASK} if i == constraints.REPEAT else None, rng=rng)
         out.append({"id": i, "kwargs": kwargs, "text": text})
     return out
 
@@ -25,8 +28,29 @@ def _cons(*ids, seed=0):
 def test_each_edit_turns_a_failing_answer_into_one_the_checker_passes(cid):
     cons = _cons(cid)
     assert not constraints.passes(cons, ANSWER, TASK)
-    fixed = repair.repair(cons, ANSWER, TASK)
+    fixed = repair.repair(cons, ANSWER, TASK, [OTHER])
     assert fixed is not None and constraints.passes(cons, fixed, TASK)
+
+
+def test_two_responses_join_two_different_samples_of_the_row():
+    cons = _cons("combination:two_responses")
+    assert repair.repair(cons, ANSWER, TASK, [OTHER]) == f"{ANSWER}\n******\n{OTHER}"
+    assert repair.repair(cons, ANSWER, TASK) is None                   # no second sample
+    assert repair.repair(cons, ANSWER, TASK, [ANSWER, "  "]) is None   # only the same answer, or a blank one
+    longer = OTHER + " " + OTHER
+    assert repair.repair(cons, ANSWER, TASK, [longer, OTHER]).endswith("******\n" + OTHER)   # the shortest
+
+
+def test_repeat_prompt_asks_first_and_repeats_the_whole_rest_of_the_prompt():
+    picked = _cons("combination:repeat_prompt", "keywords:existence", seed=1)
+    prompt, bound = constraints.attach(TASK + ".", picked)
+    rest = f"{TASK}. {picked[1]['text'].strip()}"
+    assert prompt == f"{picked[0]['text'].strip()} {rest}"
+    assert bound[0]["kwargs"] == {"prompt_to_repeat": rest} and bound[1] == picked[1]
+    words = " ".join(picked[1]["kwargs"]["keywords"])
+    fixed = repair.repair(bound, f"{ANSWER} {words}", TASK)
+    assert fixed.startswith(rest + "\n\n") and constraints.passes(bound, fixed, TASK)
+    assert not constraints.passes(bound, f"Sure. {fixed}", TASK)   # anything before the request fails
 
 
 def test_edits_combine_in_one_answer():
