@@ -41,3 +41,13 @@ def test_cell_seconds_reads_papermill_durations_slowest_first(tmp_path):
         {"seconds": 41.0, "cell": "train()"}]
     with pytest.raises(SystemExit, match="no executed notebook"):
         load("cell_seconds").cell_seconds(tmp_path / "empty", 0)
+
+
+def test_answer_habits_count_quote_openings_only_where_no_quotes_were_asked(tmp_path):
+    habits = load("answer_habits")
+    rows = [{"output": ' "Tides rise."', "checks": [{"type": "startend:quotation", "passed": True}]},
+            {"output": '"The moon pulls."', "checks": [{"type": "punctuation:no_comma", "passed": True}]},
+            {"output": 'Tides "rise".', "checks": []}]
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert habits.habits(path) == {"items": 2, "opens_with_quote": 1}
