@@ -184,7 +184,8 @@ def finish_row(row: dict, samples: list, repair: bool = False, passed: Optional[
                        if c["ended"] and (e := repaired(cons, c["text"], task, [o for o in done if o != c["text"]]))),
                       None)
     kept = checked[edited[0]] if edited else best
-    # response_tokens: what the teacher wrote (an edit adds a few characters, never tokens it generated)
+    # response_tokens: what the teacher wrote in the kept sample (an edit adds a few characters; a two_responses
+    # edit adds a second sample, whose tokens are not counted here)
     out = {**row, "response": edited[1] if edited else best["text"], "response_tokens": kept["n_tokens"],
            "response_complete": kept["ended"], "samples": checked, "passing_samples": len(good),
            "constraint_pass": bool(good or edited), "repaired": edited is not None}
