@@ -342,6 +342,7 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
                              f"{common.device_name().replace(' ', '_')}.txt")]
     tr = training.length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, processing_class=tok,
                                              peft_config=peft_cfg, callbacks=[clock, *extra])
+    clock.attach(tr.model)
     training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
     res = measure(tr, clock, warm, n_params, timed=steps)
     sec = getattr(S.config, section)

@@ -22,7 +22,9 @@ EXTRA_CONFLICTS = [("startend:quotation", "startend:end_checker"),
                    ("startend:end_checker", "detectable_content:postscript"),
                    ("change_case:english_lowercase", "detectable_content:postscript"),
                    ("change_case:english_capital", "detectable_content:postscript"),
-                   ("detectable_format:json_format", "startend:quotation")]
+                   ("detectable_format:json_format", "startend:quotation"),
+                   # the request to repeat holds the no-comma sentence, which has a comma
+                   ("combination:repeat_prompt", "punctuation:no_comma")]
 
 
 @lru_cache(maxsize=1)
@@ -75,7 +77,13 @@ def attach(instruction: str, constraints: list[dict]) -> tuple[str, list[dict]]:
     if not any(c["id"] == REPEAT for c in constraints):
         return rest, constraints
     bound = [{**c, "kwargs": {"prompt_to_repeat": rest}} if c["id"] == REPEAT else c for c in constraints]
-    return f"{next(c['text'] for c in bound if c['id'] == REPEAT).strip()} {rest}", bound
+    return f"{next(c['text'] for c in bound if c['id'] == REPEAT).strip()}\n{rest}", bound   # as the suite writes it
+
+
+def without_repeat(prompt: str, constraints: list[dict]) -> str:
+    """The prompt less a repeat_prompt's leading sentence: the request itself (what 03 scores and dedupes)."""
+    rep = next((c for c in constraints or [] if c["id"] == REPEAT), None)
+    return rep["kwargs"]["prompt_to_repeat"] if rep and rep.get("kwargs", {}).get("prompt_to_repeat") else prompt
 
 
 def apply(instruction: str, constraints: list[dict]) -> str:

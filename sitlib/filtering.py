@@ -113,6 +113,22 @@ def quality_score(instruction: str, response: str) -> float:
     return round((length + variety + request + answer) / 4, 4)
 
 
+def responses(row: dict, resp: str) -> list[str]:
+    """The answers in a response: two for a row asked for two responses split by "******" (each measured alone for
+    repetition: they answer one task twice), else the response whole."""
+    parts = resp.split("******")
+    two = any(c["id"] == "combination:two_responses" for c in row.get("constraints") or [])
+    return parts if two and len(parts) == 2 else [resp]
+
+
+def request(row: dict, inst: str) -> str:
+    """The instruction as 03 scores and dedupes it: a repeat_prompt row's leading sentence (the same 37 words in
+    every such row) left out."""
+    from .constraints import without_repeat
+
+    return without_repeat(inst, row.get("constraints"))
+
+
 def rule_reasons(row: dict, cfg: FilterConfig) -> list[str]:
     inst, resp = row_texts(row)
     iw, rw = len(inst.split()), len(resp.split())
@@ -128,9 +144,7 @@ def rule_reasons(row: dict, cfg: FilterConfig) -> list[str]:
     both = inst + resp
     if both and sum(ord(c) > 127 for c in both) / len(both) > cfg.max_non_ascii_ratio:
         reasons.append("non_english")
-    # two responses split by "******" (IFEval's two_responses) answer the same task twice: each is measured alone
-    if max([repeated_ngram_ratio(inst)] + [repeated_ngram_ratio(r) for r in resp.split("******")]) \
-            > cfg.max_repeated_ngram_ratio:
+    if max(repeated_ngram_ratio(inst), *map(repeated_ngram_ratio, responses(row, resp))) > cfg.max_repeated_ngram_ratio:
         reasons.append("repetitive")
     if TEMPLATE_LEAK.search(inst) or TEMPLATE_LEAK.search(resp):
         reasons.append("template_leak")
@@ -146,7 +160,7 @@ def rule_reasons(row: dict, cfg: FilterConfig) -> list[str]:
         reasons.append("pseudo_instruction")
     if row.get("constraints") and not row.get("constraint_pass"):
         reasons.append("constraint_failed")   # rejection sampling: no answer passed the code checks
-    if quality_score(inst, resp) < cfg.min_score:
+    if quality_score(request(row, inst), resp) < cfg.min_score:
         reasons.append("low_score")
     return reasons
 
@@ -229,10 +243,11 @@ def filter_rows(rows: list[dict], cfg: FilterConfig, bench: Optional[list[frozen
         inst, resp = row_texts(row)
         task = row.get("base_instruction") or inst   # a constrained row's task, without its constraint sentences
         reasons = rule_reasons(row, cfg) + (["benchmark_overlap"] if overlaps_benchmark(task, bench) else [])
-        scored.append((quality_score(inst, resp), row, reasons))
+        scored.append((quality_score(request(row, inst), resp), row, reasons))
     scored.sort(key=lambda t: -t[0])   # stable: the best copy of a duplicate cluster is kept
     clean = [t for t in scored if not t[2]]
-    marks = mark_duplicates([t[1] for t in clean], [row_texts(t[1])[0] for t in clean], cfg.near_duplicate_threshold)
+    marks = mark_duplicates([t[1] for t in clean], [request(t[1], row_texts(t[1])[0]) for t in clean],
+                            cfg.near_duplicate_threshold)
     dup_of = {id(t[1]): m for t, m in zip(clean, marks)}
     kept, rejected, counts = [], [], Counter()
     for score, row, reasons in scored:

@@ -59,7 +59,10 @@ def test_draws_are_compatible_seeded_and_in_range():
 def test_types_only_code_answers_are_drawn_only_with_repair():
     drawn = {p["id"] for seed in range(400) for p in constraints.draw(random.Random(seed), 3, repair=True)}
     assert constraints.REPAIR_ONLY <= drawn
-    assert constraints.draw(random.Random(5), 3) == constraints.draw(random.Random(5), 3, repair=False)
+    # without repair the types (and so every seeded draw) are those drawn before the repair-only types existed
+    assert constraints.usable_types() == sorted(set(IFEVAL_TYPES) - constraints.REPAIR_ONLY)
+    assert constraints.REPEAT not in IFEVAL_TYPES and "combination:two_responses" in IFEVAL_TYPES
+    assert not constraints.compatible([constraints.REPEAT, "punctuation:no_comma"])   # its request has a comma
 
 
 def test_known_conflicts_are_never_combined():

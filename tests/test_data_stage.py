@@ -113,9 +113,30 @@ def test_two_responses_are_each_measured_for_repetition_alone():
            "so the highest tides come when both line up.")
     other = one.replace("twice a day", "two times daily")
     cfg = FilterConfig(min_score=0.0)
+    two = [{"id": "combination:two_responses", "kwargs": {}}]
     assert filtering.repeated_ngram_ratio(f"{one} {other}") > cfg.max_repeated_ngram_ratio
-    assert "repetitive" not in filtering.rule_reasons(_row(0, "Explain the tides please.", f"{one}\n******\n{other}"), cfg)
-    assert "repetitive" in filtering.rule_reasons(_row(1, "Explain the tides please.", f"{one} {other}"), cfg)
+    split = f"{one}\n******\n{other}"
+    assert "repetitive" not in filtering.rule_reasons(_row(0, "Explain the tides.", split, constraints=two), cfg)
+    # without that constraint, or in three parts, the response is measured whole: a loop cannot hide behind ******
+    assert "repetitive" in filtering.rule_reasons(_row(1, "Explain the tides.", split), cfg)
+    three = f"{one}\n******\n{other}\n******\n{one}"
+    assert "repetitive" in filtering.rule_reasons(_row(2, "Explain the tides.", three, constraints=two), cfg)
+
+
+def test_repeat_rows_are_scored_and_deduped_on_their_request():
+    from sitlib import constraints
+    from sitlib.checks import ifeval_instruction
+
+    text, kwargs = ifeval_instruction(constraints.REPEAT, {"prompt_to_repeat": "?"})
+    rep = [{"id": constraints.REPEAT, "kwargs": kwargs, "text": text}]
+    rows = []
+    for i, task in enumerate(["Describe rain.", "Name a bird.", "Explain tides to a child.", "List three fruits."]):
+        prompt, bound = constraints.attach(task, rep)
+        rows.append(_row(i, prompt, f"{task[:-1]} is answered here with enough plain words to pass the rules.",
+                         constraints=bound, constraint_pass=True, base_instruction=task))
+    kept, rejected, _ = filtering.filter_rows(rows, FilterConfig(min_score=0.0), bench=[])
+    assert len(kept) == 4, [r["reasons"] for r in rejected]   # the shared 37-word sentence makes no duplicates
+    assert filtering.request(rows[3], rows[3]["instruction"]) == "List three fruits."
 
 
 def _run_filter_cli(tmp_path, lines, *extra):

@@ -41,11 +41,22 @@ def test_two_responses_join_two_different_samples_of_the_row():
     assert repair.repair(cons, ANSWER, TASK, [longer, OTHER]).endswith("******\n" + OTHER)   # the shortest
 
 
+def test_finish_row_joins_two_finished_samples_never_a_cut_off_one():
+    cons = _cons("combination:two_responses")
+    row = {"id": 1, "instruction": TASK, "base_instruction": TASK, "constraints": cons}
+    cut = "The moon pulls the water and"
+    out = magpie.finish_row(row, [Completion(ANSWER, 40, True), Completion(cut, 12, False),
+                                  Completion(OTHER, 30, True)], repair=True)
+    assert out["repaired"] and out["response"] == f"{ANSWER}\n******\n{OTHER}" and cut not in out["response"]
+    alone = magpie.finish_row(row, [Completion(ANSWER, 40, True), Completion(cut, 12, False)], repair=True)
+    assert not alone["repaired"] and not alone["constraint_pass"]   # one finished sample: nothing to join
+
+
 def test_repeat_prompt_asks_first_and_repeats_the_whole_rest_of_the_prompt():
     picked = _cons("combination:repeat_prompt", "keywords:existence", seed=1)
     prompt, bound = constraints.attach(TASK + ".", picked)
     rest = f"{TASK}. {picked[1]['text'].strip()}"
-    assert prompt == f"{picked[0]['text'].strip()} {rest}"
+    assert prompt == f"{picked[0]['text'].strip()}\n{rest}"
     assert bound[0]["kwargs"] == {"prompt_to_repeat": rest} and bound[1] == picked[1]
     words = " ".join(picked[1]["kwargs"]["keywords"])
     fixed = repair.repair(bound, f"{ANSWER} {words}", TASK)

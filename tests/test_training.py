@@ -269,8 +269,8 @@ def test_liger_only_where_the_profile_asks_and_it_is_installed(tmp_path, tiny_mo
 
 
 def test_padded_batches_round_up_to_64_tokens_on_a_gpu_only(tmp_path, tiny_model_dir, monkeypatch):
-    """DPO and prompt tuning pad each batch to a multiple of 64 on a GPU profile (measured faster there), and the
-    trainer's collator honours it; on the CPU they pad to the batch's longest row."""
+    """DPO and prompt tuning pad each batch to a multiple of 64 on a GPU profile (measured faster there), and DPO's
+    collator honours it; on the CPU they pad to the batch's longest row."""
     from peft import get_peft_model
 
     S = _session(tmp_path, tiny_model_dir)
