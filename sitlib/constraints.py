@@ -73,17 +73,12 @@ def draw(rng: random.Random, max_constraints: int, repair: bool = False) -> list
 def attach(instruction: str, constraints: list[dict]) -> tuple[str, list[dict]]:
     """(the prompt, the constraints as checked): the constraints' sentences appended to the instruction, as IFEval
     writes its prompts; a repeat_prompt's sentence goes first and the rest of the prompt is the request to repeat."""
-    rest = " ".join([instruction.rstrip()] + [c["text"].strip() for c in constraints if c["id"] != REPEAT])
-    if not any(c["id"] == REPEAT for c in constraints):
+    rep = next((c for c in constraints if c["id"] == REPEAT), None)
+    rest = " ".join([instruction.rstrip()] + [c["text"].strip() for c in constraints if c is not rep])
+    if rep is None:
         return rest, constraints
-    bound = [{**c, "kwargs": {"prompt_to_repeat": rest}} if c["id"] == REPEAT else c for c in constraints]
-    return f"{next(c['text'] for c in bound if c['id'] == REPEAT).strip()}\n{rest}", bound   # as the suite writes it
-
-
-def without_repeat(prompt: str, constraints: list[dict]) -> str:
-    """The prompt less a repeat_prompt's leading sentence: the request itself (what 03 scores and dedupes)."""
-    rep = next((c for c in constraints or [] if c["id"] == REPEAT), None)
-    return rep["kwargs"]["prompt_to_repeat"] if rep and rep.get("kwargs", {}).get("prompt_to_repeat") else prompt
+    bound = [{**c, "kwargs": {"prompt_to_repeat": rest}} if c is rep else c for c in constraints]
+    return f"{rep['text'].strip()}\n{rest}", bound   # the line break as the suite writes it
 
 
 def apply(instruction: str, constraints: list[dict]) -> str:

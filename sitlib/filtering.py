@@ -123,10 +123,11 @@ def responses(row: dict, resp: str) -> list[str]:
 
 def request(row: dict, inst: str) -> str:
     """The instruction as 03 scores and dedupes it: a repeat_prompt row's leading sentence (the same 37 words in
-    every such row) left out."""
-    from .constraints import without_repeat
+    every such row) left out, which leaves the request it asks to repeat."""
+    from .constraints import REPEAT
 
-    return without_repeat(inst, row.get("constraints"))
+    rep = next((c for c in row.get("constraints") or [] if c["id"] == REPEAT), None)
+    return (rep.get("kwargs") or {}).get("prompt_to_repeat") or inst if rep else inst
 
 
 def rule_reasons(row: dict, cfg: FilterConfig) -> list[str]:

@@ -179,10 +179,9 @@ def finish_row(row: dict, samples: list, repair: bool = False, passed: Optional[
     good = [c for c in checked if c["pass"] and c["ended"]]
     best, edited = (good[0] if good else checked[0]), None
     if repair and not good:
-        done = [c["text"] for c in checked if c["ended"]]
+        done = [c["text"] for c in checked if c["ended"]]   # a second response is only ever a finished sample
         edited = next(((i, e) for i, c in enumerate(checked)
-                       if c["ended"] and (e := repaired(cons, c["text"], task, [o for o in done if o != c["text"]]))),
-                      None)
+                       if c["ended"] and (e := repaired(cons, c["text"], task, done))), None)
     kept = checked[edited[0]] if edited else best
     # response_tokens: what the teacher wrote in the kept sample (an edit adds a few characters; a two_responses
     # edit adds a second sample, whose tokens are not counted here)
