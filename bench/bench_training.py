@@ -319,7 +319,7 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
     from peft import LoraConfig, PromptTuningConfig
     from trl import SFTTrainer
 
-    from sitlib import training
+    from sitlib import training, unpadding
     from sitlib.models import load_model, load_tokenizer
 
     write_data(S, ARGS.rows)
@@ -342,6 +342,9 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
                              f"{common.device_name().replace(' ', '_')}.txt")]
     tr = training.length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, processing_class=tok,
                                              peft_config=peft_cfg, callbacks=[clock, *extra])
+    if section == "prompt_tuning":
+        unpadding.unpad(tr.model, args.pad_to_multiple_of)   # as 05b does
+    unpadded = unpadding.settings(tr.model)
     clock.attach(tr.model)
     training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
     res = measure(tr, clock, warm, n_params, timed=steps)
@@ -350,6 +353,7 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
                   f"padding-free {args.padding_free}, batch {sec.batch_size}x{sec.gradient_accumulation}"
                   + (f", LoRA dropout {L.dropout}" if section == "sft" else "")
                   + (f", packed into {sec.pack_tokens} tokens" if getattr(sec, "pack_tokens", 0) else "")
+                  + (f", padded batches run padding-free {unpadded}" if unpadded else "")
                   + f", Liger {'on' if args.use_liger_kernel else 'off'}"
                   + f", adapters {'bf16' if S.profile.adapters_bf16 else 'fp32'}"
                   + "".join(f", {k}={v}" for k, v in parse_sets(ARGS.trl).items()))
@@ -387,7 +391,7 @@ def dpo_sitlib(S, steps, n_params, warm):
     """Notebook 06's blocks: a fresh LoRA adapter stands in for the SFT one (weights do not change speed)."""
     from peft import LoraConfig, get_peft_model
 
-    from sitlib import training
+    from sitlib import training, unpadding
     from sitlib.models import load_model, load_tokenizer
 
     tok = load_tokenizer(S.config.models.student)
@@ -406,6 +410,7 @@ def dpo_sitlib(S, steps, n_params, warm):
     set_trl(args)
     clock = Clock()
     tr = training.dpo_trainer(policy, args, train, None, tok, callbacks=[clock])
+    unpadded = unpadding.settings(tr.model)   # what dpo_trainer set (a "sit_varlen" model only)
     clock.attach(tr.model)
     training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
     res = measure(tr, clock, warm, n_params)
@@ -414,6 +419,7 @@ def dpo_sitlib(S, steps, n_params, warm):
                           f"{d.batch_size}x{d.gradient_accumulation}, sampler {args.train_sampling_strategy}"
                           f", Liger {'on' if args.use_liger_kernel else 'off'}"
                           f", adapters {'bf16' if S.profile.adapters_bf16 else 'fp32'}"
+                          + (f", padded batches run padding-free {unpadded}" if unpadded else "")
                           + "".join(f", {k}={v}" for k, v in parse_sets(ARGS.trl).items())}
 
 

@@ -26,7 +26,7 @@ from .generation import Sampling, chat_input_ids, generate
 
 # resume point of a run: same fingerprint → newest complete checkpoint; other weights (a profile switch) → moved
 # aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
-from . import checkpoints
+from . import checkpoints, unpadding
 from .checkpoints import tokens_seen  # noqa: F401
 from .distributed import for_world, is_main_process, main_process_first, print_main, wait_for_everyone, world
 
@@ -381,8 +381,10 @@ def sft_trainer(model, args, train, val, tok, peft_config, callbacks: Optional[l
     `peft_config` (no get_peft_model beforehand)."""
     from trl import SFTTrainer
 
-    return length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, eval_dataset=val,
-                                      processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+    trainer = length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, eval_dataset=val,
+                                         processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+    unpadding.unpad(trainer.model, args.pad_to_multiple_of)   # prompt tuning's padded rows run padding-free
+    return trainer
 
 
 def dpo_policy(session, sft_final: Path):
@@ -400,8 +402,11 @@ def dpo_trainer(policy, args, train, val, tok, callbacks: Optional[list] = None)
     frozen "ref" adapter on the same base weights, so the reference is the SFT model and the base is loaded once."""
     from trl import DPOTrainer
 
-    return length_grouped(DPOTrainer)(model=policy, ref_model=None, args=args, train_dataset=train,
-                                      eval_dataset=val, processing_class=tok, callbacks=callbacks)
+    trainer = length_grouped(DPOTrainer)(model=policy, ref_model=None, args=args, train_dataset=train,
+                                         eval_dataset=val, processing_class=tok, callbacks=callbacks)
+    # pairs run padding-free, each prompt once for its two answers (policy and reference forwards)
+    unpadding.unpad(trainer.model, args.pad_to_multiple_of, pairs=True)
+    return trainer
 
 
 def row_lengths(dataset) -> list[int]:

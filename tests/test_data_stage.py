@@ -345,6 +345,23 @@ def test_preference_checks_constrained_candidates_by_code(tiny_model_dir, tmp_pa
     assert all("," not in p["chosen"][0]["content"] and "," in p["rejected"][0]["content"] for p in pairs)
 
 
+def test_a_code_edited_answer_never_enters_a_preference_pair(tiny_model_dir, tmp_path):
+    """Repair keeps a sample edited by code; next to the sample it came from it would make a pair that differs
+    only by the edit. 04 offers the failed samples as candidates, not the edited one."""
+    from sitlib.artifacts import write_jsonl
+
+    S = _pref_session(tiny_model_dir, tmp_path)
+    row = {"prompt": [{"role": "user", "content": "Describe rain. Wrap your entire response in double quotes."}],
+           "completion": [{"role": "assistant", "content": '"Rain falls."'}],
+           "constraints": [{"id": "startend:quotation", "kwargs": {}}], "base_instruction": "Describe rain.",
+           "failed_answers": ["Rain falls."]}
+    write_jsonl(S.paths.data_filtered / "sft_train.jsonl", [{**row, "id": 0, "repaired": True}, {**row, "id": 1}])
+    write_jsonl(S.paths.data_filtered / "sft_val.jsonl", [])
+    edited, sampled = preference.prompts_from_sft(S)
+    assert edited["answers_02"] == ["Rain falls."]
+    assert sampled["answers_02"] == ['"Rain falls."', "Rain falls."]
+
+
 def test_missing_raw_data_names_notebook(tmp_path):
     S = setup("cpu", str(tmp_path / "o"), verbose=False)
     with pytest.raises(FileNotFoundError, match="run 02_magpie_generation first"):
