@@ -69,11 +69,8 @@ def _packed_boundaries(query: torch.Tensor, key: torch.Tensor, attention_mask, k
     return None
 
 
-def _varlen_kernel(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
-                   scaling: Optional[float]) -> torch.Tensor:
-    """q [Tq, H, D], k/v [Tk, Hkv, D] -> [Tq, H, D], causal inside each row. Where a row has more keys than
-    queries (a shared prefix), flash's causal mask is aligned to the lower right: query i sees keys up to
-    i + (keys - queries)."""
+def _varlen_kernel(q, k, v, cu: torch.Tensor, max_len: int, scaling: Optional[float]) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D], causal inside each row."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
@@ -87,50 +84,39 @@ def _varlen_kernel(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, 
         kw["is_causal"] = True
     else:
         kw["window_size"] = (-1, 0)   # (-1, 0) is causal in torch >= 2.12
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
-def _per_row_sdpa(query, key, value, cu_q: torch.Tensor, cu_k: torch.Tensor, dropout: float,
-                  scaling: Optional[float]) -> torch.Tensor:
-    """Exact fallback: each packed row through SDPA on its own slice, causal aligned to the lower right as flash
-    is. [1, H, Tq, D], [1, Hkv, Tk, D] -> [1, Tq, H, D]."""
+def _per_row_sdpa(query, key, value, cu: torch.Tensor, dropout: float, scaling: Optional[float]) -> torch.Tensor:
+    """Exact fallback: each packed row through SDPA on its own slice. [1, H, T, D] -> [1, T, H, D]."""
     gqa = query.shape[1] != key.shape[1]
     outs = []
-    for (qs, qe), (ks, ke) in zip(zip(cu_q.tolist()[:-1], cu_q.tolist()[1:]),
-                                  zip(cu_k.tolist()[:-1], cu_k.tolist()[1:])):
-        nq, nk = qe - qs, ke - ks
-        mask = None if nq == nk else torch.ones(nq, nk, dtype=torch.bool, device=query.device).tril(nk - nq)
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
         outs.append(F.scaled_dot_product_attention(
-            query[:, :, qs:qe], key[:, :, ks:ke], value[:, :, ks:ke], attn_mask=mask, dropout_p=dropout,
-            is_causal=mask is None, scale=scaling, enable_gqa=gqa))
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True,
+            scale=scaling, enable_gqa=gqa))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
 def sit_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                          scaling: Optional[float] = None, **kwargs):
-    """transformers attention function: query [B, H, T, D], key/value [B, Hkv, S, D] -> ([B, T, H, D], None).
-    `sit_kv_index` (from sitlib.unpadding) lists each packed row's keys: a prefix it shares with another row,
-    computed once there, then its own tokens; `cu_seq_lens_k` then bounds the rows' keys."""
+    """transformers attention function: query [B, H, T, D], key/value [B, Hkv, S, D] -> ([B, T, H, D], None)."""
     cu = _packed_boundaries(query, key, attention_mask, kwargs)
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    cu_k, kv_index = cu, kwargs.get("sit_kv_index")
-    if kv_index is not None:
-        key, value = key[:, :, kv_index], value[:, :, kv_index]
-        cu_k = kwargs["cu_seq_lens_k"].to(device=query.device, dtype=torch.int32)
     drop = dropout if module.training else 0.0
     if drop == 0.0 and varlen_kernel_available(query.device, query.dtype):
-        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-        max_q = int(max_q) if max_q is not None else int(cu.diff().max())
-        max_k = int(max_k) if max_k is not None and kv_index is not None else max_q
+        max_len = kwargs.get("max_length_q")
+        max_len = int(max_len) if max_len is not None else int(cu.diff().max())
         out = _varlen_kernel(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                             cu, cu_k, max_q, max_k, scaling)
+                             cu, max_len, scaling)
         return out.unsqueeze(0), None
-    return _per_row_sdpa(query, key, value, cu, cu_k, drop, scaling), None
+    return _per_row_sdpa(query, key, value, cu, drop, scaling), None
 
 
 def sit_varlen_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,

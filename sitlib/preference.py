@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -254,7 +255,10 @@ def write_pairs(session, pairs: list[dict], records: list[dict], sampling: dict)
                "candidate_source": records[0]["candidate_source"], "scorer": records[0]["scorer"],
                "temperatures": list(cfg.temperatures), "samples_per_prompt": len(cfg.temperatures),
                "chosen_ended_rate": round(sum(ended[(x["id"], x["chosen"][0]["content"])] for x in pairs)
-                                          / len(pairs), 4), **sampling}
+                                          / len(pairs), 4),
+               # who wrote each side: this run's candidates (source@temperature) or the 02 teacher's answers
+               **{f"{side}_from": dict(Counter(x[f"{side}_from"].split("@")[0] for x in pairs))
+                  for side in ("chosen", "rejected")}, **sampling}
     write_metrics(p.evaluation_metrics / "preference_metrics.json", metrics, session.config)
     return metrics
 

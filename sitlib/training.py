@@ -248,9 +248,10 @@ def dpo_args(session, ckpt_dir: Path):
                      pad_to_multiple_of=pad_multiple(prof))
 
 
-# Padded batches (DPO, prompt tuning) on a GPU are padded to a multiple of this many tokens. On the 3B shape DPO
-# ran 14,460 real tok/s with it against 9,150 at each batch's own longest length, and prompt tuning 27,758 against
-# 22,564 (bench/results/padding_NVIDIA_H200.json).
+# Padded batches (DPO, prompt tuning) on a GPU are padded to a multiple of this many tokens, and where they run
+# padding-free (sitlib.unpadding) the packed row is filled to it. Padded, on the 3B shape DPO ran 14,460 real tok/s
+# with it against 9,150 at each batch's own longest length, and prompt tuning 27,758 against 22,564
+# (bench/results/padding_NVIDIA_H200.json).
 GPU_PAD_MULTIPLE = 64
 
 
@@ -404,8 +405,7 @@ def dpo_trainer(policy, args, train, val, tok, callbacks: Optional[list] = None)
 
     trainer = length_grouped(DPOTrainer)(model=policy, ref_model=None, args=args, train_dataset=train,
                                          eval_dataset=val, processing_class=tok, callbacks=callbacks)
-    # pairs run padding-free, each prompt once for its two answers (policy and reference forwards)
-    unpadding.unpad(trainer.model, args.pad_to_multiple_of, pairs=True)
+    unpadding.unpad(trainer.model, args.pad_to_multiple_of)   # pairs run padding-free (policy and reference)
     return trainer
 
 

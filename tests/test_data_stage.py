@@ -343,6 +343,9 @@ def test_preference_checks_constrained_candidates_by_code(tiny_model_dir, tmp_pa
              for x in (S.paths.data_preference / f"{f}.jsonl").read_text().splitlines()]
     assert len(pairs) == 4 and all(p["pair_rule"] == "constraint_check" for p in pairs)
     assert all("," not in p["chosen"][0]["content"] and "," in p["rejected"][0]["content"] for p in pairs)
+    metrics = json.loads((S.paths.evaluation_metrics / "preference_metrics.json").read_text())
+    assert sum(metrics["chosen_from"].values()) == sum(metrics["rejected_from"].values()) == 4
+    assert set(metrics["chosen_from"]) | set(metrics["rejected_from"]) <= {"teacher", "02 teacher"}
 
 
 def test_a_code_edited_answer_never_enters_a_preference_pair(tiny_model_dir, tmp_path):
