@@ -55,9 +55,14 @@ def settings(model) -> Optional[dict]:
 
 def _padded_training_call(kwargs: dict, training: bool) -> bool:
     """A cache-free forward of a padded 2-D batch (training, or evaluation of a loss), not a generation step.
-    (transformers 5.24 calls the cache `cache`; earlier versions `past_key_values`.)"""
+    (transformers 5.24 calls the cache `cache`; earlier versions `past_key_values`.) Calls that ask for per-layer
+    outputs, or give neither ids nor embeddings, keep the original path and its own layout and errors."""
     mask, use_cache = kwargs.get("attention_mask"), kwargs.get("use_cache")
     if mask is None or mask.dim() != 2 or any(kwargs.get(k) is not None for k in ("cache", "past_key_values")):
+        return False
+    if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+        return False
+    if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
         return False
     if use_cache or (use_cache is None and not training):
         return False

@@ -151,3 +151,64 @@ def test_dpo_loss_and_rewards_match_the_padded_path(tmp_path, tiny_model_dir, mo
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
     assert chosen_b == pytest.approx(chosen_a, rel=1e-4, abs=1e-6) and grad_a.abs().sum() > 0
 
+
+
+def test_generation_steps_and_plain_evaluation_keep_the_padded_batch(tiny_model_dir):
+    """A call with a KV cache (either name), an eval-mode call that does not turn the cache off, and a call asking
+    for per-layer outputs all run the batch as it is."""
+    from transformers import DynamicCache
+
+    ids, mask = _batch()
+    model = _model(tiny_model_dir, "sit_varlen").train()
+    unpadding.unpad(model)
+    seen = _layer_inputs(model)
+    model.model(input_ids=ids, attention_mask=mask, cache=DynamicCache(config=model.config), use_cache=None)
+    model.model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config))
+    model.model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+    model.eval()
+    model.model(input_ids=ids, attention_mask=mask)
+    assert seen == [tuple(ids.shape)] * 4
+    model.model(input_ids=ids, attention_mask=mask, use_cache=False)   # evaluation of a loss packs
+    assert seen[-1] == (1, int(mask.sum()))
+
+
+def test_the_callers_positions_are_kept(tiny_model_dir):
+    ids, mask = _batch()
+    positions = (torch.arange(ids.shape[1]) * 2).expand_as(ids)   # every other position (RoPE is relative)
+    ref = _model(tiny_model_dir, "sdpa").train()
+    fast = _model(tiny_model_dir, "sit_varlen").train()
+    unpadding.unpad(fast)
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    want, got = ref(**kw).logits[mask.bool()], fast(**kw).logits[mask.bool()]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (fast(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()] - got).abs().max() > 1e-3
+
+
+def test_prompt_tuning_trainer_is_unpadded_with_the_padded_loss(tmp_path, tiny_model_dir, monkeypatch):
+    """training.sft_trainer for 05b (TRL's fused LM head over PEFT's virtual tokens): one batch's loss equals the
+    padded SDPA path's."""
+    from dataclasses import replace
+
+    from sitlib import training
+    from sitlib.models import load_tokenizer, prompt_tuning_config, resolve_model
+    from test_training import _session   # tests/ is on sys.path (pytest's prepend import mode)
+
+    S = _session(tmp_path, tiny_model_dir)
+    monkeypatch.setattr(S, "profile", replace(S.profile, device="cuda"))   # the GPU arguments: pad to 64
+    tok = load_tokenizer(str(tiny_model_dir))
+    train, val, _ = training.tokenized_sft_split(S, tok, "prompt_tuning")
+    losses = []
+    for attn in ("sdpa", "sit_varlen"):
+        args = training.sft_args(S, "prompt_tuning", tmp_path / attn)
+        args.use_cpu = True
+        torch.manual_seed(4)
+        peft_cfg = prompt_tuning_config(S.config.prompt_tuning, resolve_model(str(tiny_model_dir)))
+        trainer = training.sft_trainer(_model(tiny_model_dir, attn), args, train, val, tok, peft_cfg)
+        want = {"multiple": 64} if attn == "sit_varlen" else None
+        assert unpadding.settings(trainer.model) == want
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["attention_mask"].sum() < batch["attention_mask"].numel()   # padded rows
+        seen = _layer_inputs(trainer.model.get_base_model())
+        losses.append(trainer.compute_loss(trainer.model, batch).detach())
+        assert len(seen) == 1 and (seen[0][0] == 1) == (attn == "sit_varlen")
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
