@@ -84,6 +84,7 @@ class PreferenceConfig:
     # who writes the candidates: "teacher" (at each temperature) or "sft" (the 05 adapter; run 04 after 05)
     candidate_source: str = "teacher"
     repetition_penalty: Optional[float] = None   # as generation.repetition_penalty, for the candidates' model
+    teacher_answers: bool = True   # a constrained row's 02 answers join the candidates (False: only this run's)
 
 
 @dataclass

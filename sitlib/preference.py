@@ -27,19 +27,21 @@ SOURCES = ("teacher", "sft")
 
 def prompts_from_sft(session) -> list[dict]:
     """Filtered instructions (train then val), capped at preference.max_prompts: {id, prompt} plus, for a
-    constrained row, its constraints and the 02 teacher's answers (the kept one passed, the failed ones did not).
+    constrained row, its constraints and the 02 teacher's answers (the kept one passed, the failed ones did not),
+    unless preference.teacher_answers is off.
     A kept answer that code edited (generation.constraint_repair) is left out: paired with the sample it was
     edited from, DPO would learn the edit (a quote added, commas dropped) rather than to follow the request."""
     p = session.paths
     rows = read_jsonl(p.data_filtered / "sft_train.jsonl", "03_quality_filtering") + \
         read_jsonl(p.data_filtered / "sft_val.jsonl", "03_quality_filtering")
+    cfg = session.config.preference
     items = []
-    for r in rows[: session.config.preference.max_prompts]:
+    for r in rows[: cfg.max_prompts]:
         it = {"id": r["id"], "prompt": r["prompt"][-1]["content"]}
         if r.get("constraints"):
+            answers = ([] if r.get("repaired") else [r["completion"][-1]["content"]]) + r.get("failed_answers", [])
             it.update(constraints=r["constraints"], base_instruction=r.get("base_instruction", it["prompt"]),
-                      answers_02=[] if r.get("repaired") else [r["completion"][-1]["content"]])
-            it["answers_02"] += r.get("failed_answers", [])
+                      answers_02=answers if cfg.teacher_answers else [])
         items.append(it)
     return items
 

@@ -363,6 +363,8 @@ def test_a_code_edited_answer_never_enters_a_preference_pair(tiny_model_dir, tmp
     edited, sampled = preference.prompts_from_sft(S)
     assert edited["answers_02"] == ["Rain falls."]
     assert sampled["answers_02"] == ['"Rain falls."', "Rain falls."]
+    S.config.preference.teacher_answers = False   # only the run's own candidates
+    assert [it["answers_02"] for it in preference.prompts_from_sft(S)] == [[], []]
 
 
 def test_missing_raw_data_names_notebook(tmp_path):
