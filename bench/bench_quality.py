@@ -5,7 +5,8 @@ student, the offline scorer) at a GPU profile's counts, then the run's own accur
     python bench/bench_quality.py --from-output-dir DIR     # only read a finished run's output tree
 
 Writes <out>/quality_<device>.json: {"device", "model", "profile", "counts": {...}, "models": {variant:
-{"prompt_level_accuracy", "instruction_level_accuracy", "n_prompts"}}, "dpo_eval_reward_accuracy", "stage_seconds"},
+{"prompt_level_accuracy", "instruction_level_accuracy", "n_prompts"}}, "versus_base", "dpo_versus_sft",
+"dpo_eval_reward_accuracy", "stage_seconds"},
 every number read from the run's files; like bench_series.py it also merges {"series": ...} (seconds per stage) into
 <out>/<date>_<device>.json. A run in parts (--stages, one --output-dir) merges the stages' seconds of every part
 (<output-dir>/bench_stage_seconds.json). SIT_BENCH_RANDOM_FINGERPRINTS=1 gives the notebooks' kernels datasets' random fingerprint
@@ -92,21 +93,23 @@ def quality(output_dir: str | Path, stage_seconds: dict | None = None, recipe: l
             "dpo_steps": get("dpo", "steps"), "benchmark_items": len(get("benchmark", "items")),
         },
         "models": {v: {k: bench[v][k] for k in SUMMARY_KEYS} for v in VARIANTS},
-        "versus_base": versus_base(OutputTree(Path(output_dir))),
+        **paired(OutputTree(Path(output_dir))),
         # TRL's eval rewards/accuracies; finish_training leaves it out when the evaluation logged none
         "dpo_eval_reward_accuracy": data["dpo"].get("eval_reward_accuracy"),
         "stage_seconds": stage_seconds,
     }
 
 
-def versus_base(tree: OutputTree) -> list[dict]:
-    """07's comparison of each variant with the base (won/lost items, sign test), from its per-variant files."""
+def paired(tree: OutputTree) -> dict:
+    """07's comparisons on the same items (won/lost, sign test), from its per-variant files: every variant against
+    the base ("versus_base") and DPO against SFT ("dpo_versus_sft")."""
     from sitlib import benchmark   # imports the checkers: only where a record is written
 
     done = {v: read_json(tree.evaluation_results / "benchmark" / f"{v}.json", produced_by="07_benchmark_evaluation")
             for v in VARIANTS}
-    return [{k: c[k] for k in ("variant", "points", "won", "lost", "sign_test_p")}
-            for c in benchmark.versus_base(done)]
+    keys = ("variant", "points", "won", "lost", "sign_test_p")
+    return {"versus_base": [{k: c[k] for k in keys} for c in benchmark.versus_base(done)],
+            "dpo_versus_sft": {k: v for k, v in benchmark.dpo_versus_sft(done).items() if k in keys}}
 
 
 def merged_seconds(root: Path, stages: dict) -> dict:

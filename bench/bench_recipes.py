@@ -8,7 +8,7 @@ the whole suite as 07 scores them.
 DIR is a finished run's output tree: its data/ (from 02-04) is copied, never written. Each recipe trains in its own
 tree (<work>/<NAME>); the base model is scored once. Writes <out>/recipes_<device>.json: {"device", "profile",
 "tree", "items", "base": summary, "recipes": {NAME: {"overrides", VARIANT: summary + training numbers, "versus_base",
-"seconds"}}},
+"dpo_versus_sft", "seconds"}}},
 each summary as 07 writes it. A quick way to choose the 80 GB profiles' recipe before one full run through
 bench_quality.py confirms it: only the series run's numbers go into quality_<device>.json.
 """
@@ -30,6 +30,7 @@ from sitlib.config import parse_value  # noqa: E402
 # as bench_series.py: the embedded model as teacher and student, the offline scorer (the data came from that run)
 EMBEDDED = {"models.student": "embedded", "models.teacher": "embedded", "models.scorer": "offline"}
 SUMMARY = ("prompt_level_accuracy", "instruction_level_accuracy", "eos_stop_rate", "mean_output_tokens")
+PAIRED = ("variant", "points", "won", "lost", "sign_test_p")   # of 07's paired comparisons
 
 
 def train_sft(S, section: str = "sft") -> dict:
@@ -100,8 +101,9 @@ def run_recipe(tree: Path, root: Path, profile: str, overrides: dict, items: lis
     return {"overrides": overrides,
             **{n: {**{k: done[n]["summary"][k] for k in SUMMARY},
                    **{k: m[k] for k in keep if k in m}} for n, m in trained.items()},
-            "versus_base": [{k: c[k] for k in ("variant", "points", "won", "lost", "sign_test_p")}
-                            for c in benchmark.versus_base(done)],
+            "versus_base": [{k: c[k] for k in PAIRED} for c in benchmark.versus_base(done)],
+            "dpo_versus_sft": ({k: v for k, v in vs.items() if k in PAIRED}
+                               if (vs := benchmark.dpo_versus_sft(done)) else None),
             "seconds": round(time.perf_counter() - t, 1)}
 
 

@@ -155,7 +155,7 @@ def write_results(session, done: dict[str, dict], items: list[dict], official: d
     results = {"models": {n: d["summary"] for n, d in done.items()}, "suite": SUITE.name,
                "items": [it["id"] for it in items], "max_new_tokens": ev.max_new_tokens, "decoding": "greedy",
                "profile": session.profile.name, "official_ifeval": official, "lm_eval": lm_eval,
-               "versus_base": versus_base(done)}
+               "versus_base": versus_base(done), "dpo_versus_sft": dpo_versus_sft(done)}
     write_json(p.evaluation_results / "benchmark_results.json", results)
     grouped_bars_marked({n: d["summary"]["per_category"] for n, d in done.items()},
                         p.evaluation_figures / "benchmark_by_category.png",
@@ -211,6 +211,13 @@ def versus_base(done: dict[str, dict], base: str = "base") -> list[dict]:
                     "eos_stop_rate": (sb["eos_stop_rate"], s["eos_stop_rate"]),
                     "mean_output_tokens": (sb["mean_output_tokens"], s["mean_output_tokens"])})
     return out
+
+
+def dpo_versus_sft(done: dict[str, dict]) -> Optional[dict]:
+    """DPO against the SFT model it started from, as versus_base counts it: DPO's target is measured from SFT."""
+    if "sft" not in done or "dpo" not in done:
+        return None
+    return versus_base({"sft": done["sft"], "dpo": done["dpo"]}, base="sft")[0]
 
 
 def below_base_notes(comparisons: list[dict], alpha: float = 0.05) -> list[str]:

@@ -71,6 +71,7 @@ def test_quality_reads_the_writers_files(run_tree):
     # base passes p0, p1; sft passes p0 only (one item lost); prompt_tuning as base; dpo as sft
     assert [(c["variant"], c["won"], c["lost"], c["points"]) for c in q["versus_base"]] == [
         ("sft", 0, 1, -33.3), ("prompt_tuning", 0, 0, 0.0), ("dpo", 0, 1, -33.3)]
+    assert q["dpo_versus_sft"] == {"variant": "dpo", "points": 0.0, "won": 0, "lost": 0, "sign_test_p": 1.0}
 
 
 def test_missing_file_names_the_notebook(run_tree):

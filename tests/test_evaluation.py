@@ -91,6 +91,9 @@ def test_a_variant_below_base_is_explained_by_paired_counts():
     assert note.startswith("sft: -16.7 points against base — 2 items lost, 1 won") and "p = 1.000: within what chance" in note
     assert "a (-2)" in note and "40 → 90 tokens" in note
     assert benchmark.versus_base({"sft": done["sft"]}) == []   # no base evaluated: nothing to compare
+    vs = benchmark.dpo_versus_sft(done)   # DPO's target is counted from its SFT model, not from the base
+    assert (vs["variant"], vs["won"], vs["lost"], vs["points"]) == ("dpo", 3, 0, 50.0)
+    assert benchmark.dpo_versus_sft({"base": done["base"], "dpo": done["dpo"]}) is None
 
 
 def test_official_ifeval_scores_count_an_empty_answer_as_failed_instructions():
