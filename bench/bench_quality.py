@@ -107,9 +107,7 @@ def paired(tree: OutputTree) -> dict:
 
     done = {v: read_json(tree.evaluation_results / "benchmark" / f"{v}.json", produced_by="07_benchmark_evaluation")
             for v in VARIANTS}
-    keys = ("variant", "points", "won", "lost", "sign_test_p")
-    return {"versus_base": [{k: c[k] for k in keys} for c in benchmark.versus_base(done)],
-            "dpo_versus_sft": {k: v for k, v in benchmark.dpo_versus_sft(done).items() if k in keys}}
+    return benchmark.paired_counts(done)
 
 
 def merged_seconds(root: Path, stages: dict) -> dict:

@@ -30,7 +30,6 @@ from sitlib.config import parse_value  # noqa: E402
 # as bench_series.py: the embedded model as teacher and student, the offline scorer (the data came from that run)
 EMBEDDED = {"models.student": "embedded", "models.teacher": "embedded", "models.scorer": "offline"}
 SUMMARY = ("prompt_level_accuracy", "instruction_level_accuracy", "eos_stop_rate", "mean_output_tokens")
-PAIRED = ("variant", "points", "won", "lost", "sign_test_p")   # of 07's paired comparisons
 
 
 def train_sft(S, section: str = "sft") -> dict:
@@ -101,9 +100,7 @@ def run_recipe(tree: Path, root: Path, profile: str, overrides: dict, items: lis
     return {"overrides": overrides,
             **{n: {**{k: done[n]["summary"][k] for k in SUMMARY},
                    **{k: m[k] for k in keep if k in m}} for n, m in trained.items()},
-            "versus_base": [{k: c[k] for k in PAIRED} for c in benchmark.versus_base(done)],
-            "dpo_versus_sft": ({k: v for k, v in vs.items() if k in PAIRED}
-                               if (vs := benchmark.dpo_versus_sft(done)) else None),
+            **benchmark.paired_counts(done),
             "seconds": round(time.perf_counter() - t, 1)}
 
 

@@ -220,6 +220,18 @@ def dpo_versus_sft(done: dict[str, dict]) -> Optional[dict]:
     return versus_base({"sft": done["sft"], "dpo": done["dpo"]}, base="sft")[0]
 
 
+PAIRED_KEYS = ("variant", "points", "won", "lost", "sign_test_p")
+
+
+def paired_counts(done: dict[str, dict]) -> dict:
+    """versus_base and dpo_versus_sft cut to their counts and sign test: what the records under bench/ keep."""
+    def cut(c: dict) -> dict:
+        return {k: c[k] for k in PAIRED_KEYS}
+
+    vs = dpo_versus_sft(done)
+    return {"versus_base": [cut(c) for c in versus_base(done)], "dpo_versus_sft": cut(vs) if vs else None}
+
+
 def below_base_notes(comparisons: list[dict], alpha: float = 0.05) -> list[str]:
     """One sentence per variant below the base, from versus_base's numbers."""
     notes = []

@@ -94,6 +94,10 @@ def test_a_variant_below_base_is_explained_by_paired_counts():
     vs = benchmark.dpo_versus_sft(done)   # DPO's target is counted from its SFT model, not from the base
     assert (vs["variant"], vs["won"], vs["lost"], vs["points"]) == ("dpo", 3, 0, 50.0)
     assert benchmark.dpo_versus_sft({"base": done["base"], "dpo": done["dpo"]}) is None
+    counts = benchmark.paired_counts(done)   # what bench/ records keep: counts and the sign test only
+    assert counts["dpo_versus_sft"] == {"variant": "dpo", "points": 50.0, "won": 3, "lost": 0,
+                                        "sign_test_p": benchmark.sign_test_p(3, 0)}
+    assert [set(c) for c in counts["versus_base"]] == [set(benchmark.PAIRED_KEYS)] * 2
 
 
 def test_official_ifeval_scores_count_an_empty_answer_as_failed_instructions():
