@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--seed-new", type=int, default=16, help="new tokens for the (slow) original way")
     ap.add_argument("--sdpa-variant", action="store_true",
                     help="also time the pool with SDPA in its decode step (sitlib's decode kernel off)")
+    ap.add_argument("--sort-variant", action="store_true",
+                    help="also time the pool with top-p by sorting (sitlib's nucleus kernel off)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
 
@@ -122,17 +124,20 @@ def main() -> None:
         out, dt = timed(lambda: generate(model, tok, prompts, samp, size, [block]))
         report("sitlib" if rows == "auto" else f"sitlib_rows{rows}", sum(c.n_tokens for c in out), dt,
                peak_gb=peak_gb(), rows_in_flight=size or "auto (free memory)")
-    # the same pool (auto rows) with transformers' SDPA in the decode step instead of sitlib's Triton kernel
-    if a.sdpa_variant:
-        G.DECODE_KERNEL = False
+    # the same pool (auto rows) with one of sitlib's kernels off: SDPA in the decode step instead of the Triton
+    # decode kernel, or top-p by sorting instead of the Triton nucleus sampler
+    for wanted, flag, name in ((a.sdpa_variant, "DECODE_KERNEL", "sitlib_sdpa_decode"),
+                               (a.sort_variant, "NUCLEUS_KERNEL", "sitlib_sorted_top_p")):
+        if not wanted:
+            continue
+        setattr(G, flag, False)
         try:
-            generate(model, tok, prompts[:a.hf_batch], samp, None, [block])
+            generate(model, tok, prompts, samp, None, [block])   # warm: every shape of the timed call
             reset_peak()
             out, dt = timed(lambda: generate(model, tok, prompts, samp, None, [block]))
         finally:
-            G.DECODE_KERNEL = True
-        report("sitlib_sdpa_decode", sum(c.n_tokens for c in out), dt, peak_gb=peak_gb(),
-               rows_in_flight="auto (free memory)")
+            setattr(G, flag, True)
+        report(name, sum(c.n_tokens for c in out), dt, peak_gb=peak_gb(), rows_in_flight="auto (free memory)")
     hf = res[f"hf_generate_bs{a.hf_batch}"]["tok_per_s"]
     res["sitlib_over_hf_generate"] = round(res[next(k for k in res if k.startswith("sitlib"))]["tok_per_s"] / hf, 2)
     # the issue's file names the stock entry hf_generate_bs256

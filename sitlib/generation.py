@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import decode_attention
+from . import decode_attention, nucleus
 
 
 @dataclass(frozen=True)
@@ -264,14 +264,19 @@ def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
     are sorted whole): on 2 CPU cores, 16 rows of a 49k vocabulary with peaked logits, a full sort took 55 ms per step
     and top-256 first 2.4 ms; on flat logits every row falls back (61 vs 54 ms; bench/bench_sampling.py). On an
     H200 (bf16 keys): 1.5 vs 4.0 ms at 1,024 rows of 49k, 2.1 vs 5.1 ms at 512 rows of 128k; flat 5.5 vs 4.0 and
-    6.9 vs 5.1. `fallback`, when given, gets the share of sampled rows that were sorted whole appended."""
+    6.9 vs 5.1. `fallback`, when given, gets the share of sampled rows that were sorted whole appended.
+    On a CUDA card with Triton (NUCLEUS_KERNEL), top-p rows skip all of that: nucleus.py finds each nucleus's
+    boundary without sorting and draws in the same kernel."""
     greedy = scores.argmax(dim=-1)
     if not (bool(sample.any()) if any_sample is None else any_sample):
         return greedy
     temp = temperature.unsqueeze(1)
     if not (bool((top_p < 1).any()) if any_top_p is None else any_top_p):
         return torch.where(sample, _gumbel_argmax(scores / temp), greedy)
-    if 0 < top_k_first < scores.shape[-1]:
+    if kernel_samples(scores.device):
+        bits = {torch.bfloat16: 16, torch.float16: 11}.get(key_dtype, 32)
+        picked = nucleus.draw(scores.contiguous(), torch.where(sample, temperature, 1.0), top_p, bits)
+    elif 0 < top_k_first < scores.shape[-1]:
         vals, idx = scores.topk(top_k_first, dim=-1)   # sorted, descending
         logits = vals / temp
         probs = (logits - torch.logsumexp(scores / temp, dim=-1, keepdim=True)).exp()   # of the whole vocabulary
@@ -286,6 +291,11 @@ def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
     else:
         picked = _sorted_pick(scores, temp, top_p, key_dtype)
     return torch.where(sample, picked, greedy)
+
+
+def kernel_samples(device: torch.device) -> bool:
+    """Whether top-p rows on `device` go through nucleus.py's kernel (which also takes 16-bit scores)."""
+    return NUCLEUS_KERNEL and nucleus.available(device)
 
 
 def _sorted_pick(scores, temp, top_p, key_dtype) -> torch.Tensor:
@@ -311,6 +321,10 @@ def _gumbel_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the pool
+
+# Top-p on CUDA through sitlib's Triton sampler (nucleus.py), which needs no sort; False sorts as on the CPU
+# (benchmarks time both).
+NUCLEUS_KERNEL = True
 
 # The pool's decode: None = static shapes + CUDA graphs where `static_by_default` says so (CUDA, no bitsandbytes
 # weights, attention that takes an additive mask), the live window eagerly elsewhere; True/False force the static or the eager step (on CPU the static step runs without
@@ -378,7 +392,7 @@ class _Pool:
 
     def _pick(self, logits, ids, rows: slice) -> torch.Tensor:
         """Scores of `rows` -> next token; `ids` is their token window (ending at column `end`)."""
-        scores = logits.float()
+        scores = logits.float()   # the nucleus kernel reads float32 faster than bf16 (bench_sampling.py)
         meta = {k: v[rows] for k, v in self.meta.items()}
         for p in self.processors:
             if hasattr(p, "prompt_len"):
