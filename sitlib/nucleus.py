@@ -24,9 +24,9 @@ from . import decode_attention
 
 # vocabulary entries per loop step, warps per program, vocabulary entries per program, keys tested per search pass
 # (bench_sampling.py times others). Each entry costs a compare, a select and an add per key tested: the search's
-# arithmetic, not memory, bounds the kernels (64-bit keys took 2.3-3.2 ms at 512 rows of 128k).
+# arithmetic, not memory, bounds the kernels (64-bit keys and 16 per pass took 2.3-3.5 ms at 512 rows of
+# 128k, 32-bit keys and 4 per pass 1.55 ms).
 BLOCK, NUM_WARPS, SEGMENT, CANDIDATES = 512, 4, 8192, 4
-_NEG, _BIG = float("-inf"), 2 ** 40
 
 
 def available(device: torch.device) -> bool:
