@@ -43,7 +43,7 @@ def _kernels():
     def _key(x, SHIFT: tl.constexpr):
         """Sortable integer of a float32 (same order as the floats); low bits that 16-bit values leave at zero are
         shifted out, so the search covers fewer bits."""
-        bits = x.to(tl.int32, bitcast=True)
+        bits = (x + 0.0).to(tl.int32, bitcast=True)   # + 0.0: -0.0 becomes +0.0, one key for equal values
         return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> SHIFT
 
     @triton.jit
@@ -93,8 +93,10 @@ def _kernels():
         for q in range(0, p):
             cand = lo + ((hi - lo) * (j + 1)) // C
             mass = tl.load(Above + ((q * rows + r) * S + seg[:, None]) * C + j[None, :])
-            fits = tl.sum(mass, 0) <= tl.load(Budget + r)
-            first = tl.min(tl.where(fits, j, C), 0)   # the first candidate that fits (the last one, hi, always does)
+            # the last candidate is hi, which fits: taken as such, so a rounding of its test (or a NaN budget)
+            # cannot empty the range
+            fits = (tl.sum(mass, 0) <= tl.load(Budget + r)) | (j == C - 1)
+            first = tl.min(tl.where(fits, j, C), 0)   # the first candidate that fits
             new_hi = tl.sum(tl.where(j == first, cand, 0), 0)
             lo = tl.sum(tl.where(j == first - 1, cand + 1, 0), 0) + tl.where(first == 0, lo, 0)
             hi = new_hi
@@ -125,16 +127,20 @@ def _kernels():
         r, row, begin, end = _range(Score, stride, V, seg)
         lo, k0 = _bounds(State, Above, Budget, r, passes, rows, S, C)
         inv_t = 1.0 / tl.load(Temp + r)
-        seed = tl.load(Seed) + r.to(tl.int32)
+        seed = tl.load(Seed)
+        base = (r * V).to(tl.int32)   # the row in the offset, not the seed: calls with nearby seeds share no noise
         offs = tl.arange(0, BLOCK)
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         where = tl.zeros([BLOCK], tl.int32)
         for start in range(begin, end, BLOCK):
             inside = start + offs < end
             x = tl.load(row + start + offs, mask=inside, other=float("-inf")).to(tl.float32)
-            u = tl.rand(seed, start + offs)
-            g = tl.where(inside & (_key(x, SHIFT) >= k0.to(tl.int32)), x * inv_t - tl.log(-tl.log(u)),
-                         float("-inf"))
+            # Exp(1) noise as -log(1 - u), through log1p's series for small u: the winners' noise is small, and
+            # tl.rand resolves small u finely (steps of 2**-31) but 1 - u only in steps of 2**-24 (ties, which go
+            # to the lowest id); half a step more keeps u off 0 (noise 0 would win whatever the token's value)
+            u = tl.rand(seed, base + start + offs) + 2.3283064e-10
+            noise = tl.where(u < 1e-4, u * (1.0 + 0.5 * u), -tl.log(1.0 - u))
+            g = tl.where(inside & (_key(x, SHIFT) >= k0.to(tl.int32)), x * inv_t - tl.log(noise), float("-inf"))
             better = g > best
             best = tl.where(better, g, best)
             where = tl.where(better, start + offs, where)

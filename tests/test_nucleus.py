@@ -70,6 +70,29 @@ def test_draws_follow_the_nucleus(top_p, temperature, expected):
 
 
 @gpu
+def test_draws_across_segments_with_settings_per_row():
+    """A 40,000-entry vocabulary (8 programs per row) whose likely tokens lie in different segments, the likeliest
+    in the last: the segments' draws combine into the right frequencies. Rows differ: top-p 0.85 at T = 1, top-p 1
+    at T = 0.5, and greedy rows at temperature 0 (argmax)."""
+    n, vocab = 4_000, 40_000
+    ids = torch.tensor([39_990, 25_001, 12_345, 100, 30_000, 5])
+    p = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.07, 0.03])
+    scores = torch.full((n, vocab), -40.0)
+    scores[:, ids] = p.log()
+    kind = torch.arange(n) % 5   # 0, 2: top-p 0.85; 1, 3: top-p 1 at T 0.5; 4: greedy
+    top_p = torch.where(kind % 2 == 1, 1.0, 0.85)
+    temp = torch.where(kind == 4, 0.0, torch.where(kind % 2 == 1, 0.5, 1.0))
+    torch.manual_seed(5)
+    picks = G._choose(scores.cuda(), temp.cuda(), top_p.cuda(), (kind != 4).cuda()).cpu()
+    freq = lambda rows: torch.stack([(picks[rows] == i).float().mean() for i in ids])
+    nucleus_p = torch.cat([p[:4] / p[:4].sum(), torch.zeros(2)])
+    sharp = p ** 2 / (p ** 2).sum()
+    assert torch.allclose(freq((kind % 2 == 0) & (kind != 4)), nucleus_p, atol=0.03)
+    assert torch.allclose(freq(kind % 2 == 1), sharp, atol=0.03)
+    assert bool((picks[kind == 4] == ids[0]).all())
+
+
+@gpu
 def test_large_vocabulary_draws_cover_the_nucleus_and_repeat_under_a_seed():
     """Flat rows of 128k: draws spread over the nucleus (not one token per row), stay inside it, greedy rows stay
     argmax, and torch.manual_seed repeats the draws."""
