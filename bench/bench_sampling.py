@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=49152)   # SmolLM2's
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--kernel-blocks", default="1024x4", help="nucleus kernel settings to time: ENTRIESxWARPS[xSEGMENT[xKEYS]],...")
+    ap.add_argument("--kernel-blocks", default=f"{nucleus.BLOCK}x{nucleus.NUM_WARPS}",
+                    help="nucleus kernel settings to time: ENTRIESxWARPS[xSEGMENT[xKEYS]],...")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
     g = torch.Generator().manual_seed(0)

@@ -34,10 +34,14 @@ def _triton():
     return triton, tl
 
 
+def triton_card(device: torch.device) -> bool:
+    """Triton on a CUDA card of compute capability >= 8.0 (where sitlib's kernels run)."""
+    return device.type == "cuda" and _triton() is not None and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Triton on a CUDA card of compute capability >= 8.0, half precision."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _triton() is not None
-            and torch.cuda.get_device_capability(device)[0] >= 8)
+    """A Triton card (triton_card), half precision."""
+    return dtype in (torch.float16, torch.bfloat16) and triton_card(device)
 
 
 @functools.lru_cache(maxsize=None)

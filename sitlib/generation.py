@@ -273,7 +273,7 @@ def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
     temp = temperature.unsqueeze(1)
     if not (bool((top_p < 1).any()) if any_top_p is None else any_top_p):
         return torch.where(sample, _gumbel_argmax(scores / temp), greedy)
-    if kernel_samples(scores.device):
+    if NUCLEUS_KERNEL and nucleus.available(scores.device):
         bits = {torch.bfloat16: 16, torch.float16: 11}.get(key_dtype, 32)
         picked = nucleus.draw(scores.contiguous(), torch.where(sample, temperature, 1.0), top_p, bits)
     elif 0 < top_k_first < scores.shape[-1]:
@@ -291,11 +291,6 @@ def _choose(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
     else:
         picked = _sorted_pick(scores, temp, top_p, key_dtype)
     return torch.where(sample, picked, greedy)
-
-
-def kernel_samples(device: torch.device) -> bool:
-    """Whether top-p rows on `device` go through nucleus.py's kernel (which also takes 16-bit scores)."""
-    return NUCLEUS_KERNEL and nucleus.available(device)
 
 
 def _sorted_pick(scores, temp, top_p, key_dtype) -> torch.Tensor:
@@ -367,7 +362,8 @@ class _Pool:
         self.graphs: Optional[dict] = {}            # (rows, width) -> CUDAGraph; None once a capture failed
         self.graph_pool = None
         self.logits: Optional[torch.Tensor] = None   # every graph's logits land here
-        # nuclei searched among the top 256 first (a trained model's nuclei are small). On a GPU, once most sampled
+        # without the nucleus kernel (NUCLEUS_KERNEL False, or no Triton card), nuclei are searched among the top
+        # 256 first (a trained model's nuclei are small). On a GPU, once most sampled
         # rows reached past them for `sort_whole_after` steps in a row (flat logits: random weights), the call sorts
         # whole: flat logits cost 5.5 ms that way against 4.0 sorted whole, peaked ones 1.5 against 4.0 (1,024 rows
         # of 49k on an H200). A few flat steps (a Magpie instruction's first words) must not switch it off; on a

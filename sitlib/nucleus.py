@@ -31,8 +31,7 @@ BLOCK, NUM_WARPS, SEGMENT, CANDIDATES = 512, 4, 8192, 4
 
 def available(device: torch.device) -> bool:
     """Triton on a CUDA card of compute capability >= 8.0 (the cards the profiles' pools run on)."""
-    return (device.type == "cuda" and decode_attention._triton() is not None
-            and torch.cuda.get_device_capability(device)[0] >= 8)
+    return decode_attention.triton_card(device)
 
 
 @functools.lru_cache(maxsize=None)
