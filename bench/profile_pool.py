@@ -4,7 +4,7 @@ without graphs, then the top CUDA kernels of the step without graphs and the top
 them; each with transformers' SDPA and with sitlib's decode kernel in the step, then the kernel's other block
 sizes. Steps are timed inside one width bucket, after the graphs of that bucket were captured.
 
-    python bench/profile_pool.py [--shape 8b] [--rows 512] [--prompt 64] [--steps 40] [--out DIR]
+    python bench/profile_pool.py [--shape 8b] [--rows 512] [--prompt 64] [--steps 40] [--variants ...] [--out DIR]
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from common import SHAPES, device_name, ms_per_call, random_model  # noqa: E402
 
 from sitlib import decode_attention as DA  # noqa: E402
 from sitlib import generation as G  # noqa: E402
+from sitlib.models import fuse_layers  # noqa: E402
 
 
 def full_pool(model, tok, rows: int, prompt: int, new: int):
@@ -95,6 +96,14 @@ def measure(model, tok, a, tables: bool = True) -> dict:
     return out
 
 
+def run(result: dict, name: str, r: dict) -> None:
+    result["runs"][name] = r
+    print(name, {k: v for k, v in r.items() if not isinstance(v, str)}, flush=True)
+    for k, v in r.items():
+        if isinstance(v, str):
+            print(k, "\n", v, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="8b", choices=SHAPES)
@@ -103,32 +112,38 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--variants", default="sdpa,decode_kernel,blocks",
+                    help="any of sdpa, decode_kernel, blocks (the decode kernel's block sizes) and fused (the decode "
+                         "kernel after models.fuse_layers: Liger's layer kernels, measured last)")
+    ap.add_argument("--tag", default="", help="appended to the result file's name")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
     model = random_model(a.shape, a.attn)
     tok = IdTokenizer(model.config.vocab_size)
     result = {"device": device_name(), "shape": a.shape, "attn": a.attn, "prompt": a.prompt, "runs": {}}
+    variants = a.variants.split(",")
     with torch.inference_mode(), G._decode_kernels(torch.device("cuda")):
         for rows in a.rows:
             a_rows = argparse.Namespace(**{**vars(a), "rows": rows})
             for kernel in (False, True):   # transformers' SDPA, then sitlib's decode kernel, in the static step
-                G.DECODE_KERNEL = kernel
-                r = measure(model, tok, a_rows)
                 name = f"{rows}_{'decode_kernel' if kernel else 'sdpa'}"
-                result["runs"][name] = r
-                print(name, {k: v for k, v in r.items() if not isinstance(v, str)}, flush=True)
-                for k, v in r.items():
-                    if isinstance(v, str):
-                        print(k, "\n", v, flush=True)
-        # the decode kernel's block of columns and warps: the graph's replay at the last rows
-        for block_n, warps in ((32, 4), (64, 8), (128, 4), (128, 8)):
-            DA.BLOCK_N, DA.NUM_WARPS = block_n, warps
-            r = measure(model, tok, argparse.Namespace(**{**vars(a), "rows": a.rows[-1]}), tables=False)
-            result["runs"][f"{a.rows[-1]}_decode_kernel_block{block_n}_warps{warps}"] = r
-            print(block_n, warps, r, flush=True)
-        DA.BLOCK_N, DA.NUM_WARPS = 64, 4
+                if name.split("_", 1)[1] in variants:
+                    G.DECODE_KERNEL = kernel
+                    run(result, name, measure(model, tok, a_rows))
+        if "blocks" in variants:   # the decode kernel's block of columns and warps: the graph's replay, last rows
+            for block_n, warps in ((32, 4), (64, 8), (128, 4), (128, 8)):
+                DA.BLOCK_N, DA.NUM_WARPS = block_n, warps
+                r = measure(model, tok, argparse.Namespace(**{**vars(a), "rows": a.rows[-1]}), tables=False)
+                run(result, f"{a.rows[-1]}_decode_kernel_block{block_n}_warps{warps}", r)
+            DA.BLOCK_N, DA.NUM_WARPS = 64, 4
+        if "fused" in variants:   # the decode kernel with Liger's layer kernels, as sitlib's loader applies them
+            G.DECODE_KERNEL = True
+            result["fused_layers"] = fuse_layers(model)
+            for rows in a.rows:
+                r = measure(model, tok, argparse.Namespace(**{**vars(a), "rows": rows}))
+                run(result, f"{rows}_decode_kernel_fused", r)
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"profile_pool_{a.shape}_{device_name().replace(' ', '_')}.json"
+    path = a.out / f"profile_pool_{a.shape}{a.tag}_{device_name().replace(' ', '_')}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print("wrote", path)
 

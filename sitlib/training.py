@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import hashlib
 import html
-import importlib.util
 import json
 import resource
 import time
@@ -23,6 +22,7 @@ from .artifacts import read_json, read_jsonl, write_json, write_metrics
 from .errors import BadInputError, ConfigError, HubAccessError, OutOfMemoryError
 from .figures import training_curves
 from .generation import Sampling, chat_input_ids, generate
+from .models import liger_available
 
 # resume point of a run: same fingerprint → newest complete checkpoint; other weights (a profile switch) → moved
 # aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
@@ -191,10 +191,6 @@ def prepare_checkpoints(ckpt_dir: Path, fp: str, weights_key: str) -> Optional[s
     across processes; the other ranks then find the same resume point."""
     with main_process_first():
         return checkpoints.prepare_checkpoints(ckpt_dir, fp, weights_key)
-
-
-def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def packed_for_world(sec, max_seq_length: int):
