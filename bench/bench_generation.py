@@ -1,7 +1,7 @@
 """Generation throughput, side by side in one process on random weights of the teacher's shape (nothing downloaded):
 the original series' way, transformers' `generate` in padded batches of 256 (the best stock way), and
-`sitlib.generation.generate` (the pool sized by free memory) with Liger's layer kernels, as sitlib's loader applies
-them on the bf16 GPU profiles (`models.fuse_layers`; --unfused-variant also times the pool without). Every variant
+`sitlib.generation.generate` (the pool sized by free memory; its prefills and captured decode steps run Liger's layer
+kernels where liger_kernel is installed, and --unfused-variant also times the pool without them). Every variant
 samples (top-p 0.95) with the Magpie first-token block on, is warmed up at its own shape first, and reports tokens/s
 and MFU.
 
@@ -26,7 +26,7 @@ from common import SHAPES, mfu, random_model, record, sync  # noqa: E402
 
 from sitlib.generation import BlockFirstTokens, Sampling, _generate_hf_batches, generate  # noqa: E402
 from sitlib import generation as G  # noqa: E402
-from sitlib.models import fuse_layers  # noqa: E402
+from sitlib.models import liger_available  # noqa: E402
 
 
 class IdTokenizer:
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--sort-variant", action="store_true",
                     help="also time the pool with top-p by sorting (sitlib's nucleus kernel off)")
     ap.add_argument("--unfused-variant", action="store_true",
-                    help="also time the pool before Liger's layer kernels are applied (models.fuse_layers)")
+                    help="also time the pool without Liger's layer kernels (generation.FUSED_LAYERS off)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
 
@@ -129,10 +129,13 @@ def main() -> None:
         report(name, sum(c.n_tokens for c in out), dt, peak_gb=peak_gb(), rows_in_flight=size or "auto (free memory)",
                **extra)
 
-    if a.unfused_variant:   # before Liger's layer kernels (the random model is built unfused)
-        pool("sitlib_unfused_layers", None)
-    # what sitlib's loader does on the bf16 GPU profiles
-    fused = fuse_layers(model)
+    fused = G.FUSED_LAYERS and liger_available()   # Liger's layer kernels in prefills and captured steps
+    if a.unfused_variant:
+        G.FUSED_LAYERS = False
+        try:
+            pool("sitlib_unfused_layers", None)
+        finally:
+            G.FUSED_LAYERS = True
     for rows in a.pool_rows.split(","):
         pool("sitlib" if rows == "auto" else f"sitlib_rows{rows}", None if rows == "auto" else int(rows),
              fused_layers=fused)

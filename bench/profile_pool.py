@@ -24,7 +24,6 @@ from common import SHAPES, device_name, ms_per_call, random_model  # noqa: E402
 
 from sitlib import decode_attention as DA  # noqa: E402
 from sitlib import generation as G  # noqa: E402
-from sitlib.models import fuse_layers  # noqa: E402
 
 
 def full_pool(model, tok, rows: int, prompt: int, new: int):
@@ -113,8 +112,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--variants", default="sdpa,decode_kernel,blocks",
-                    help="any of sdpa, decode_kernel, blocks (the decode kernel's block sizes) and fused (the decode "
-                         "kernel after models.fuse_layers: Liger's layer kernels, measured last)")
+                    help="any of sdpa, decode_kernel, blocks (the decode kernel's block sizes; these three with "
+                         "transformers' layers) and fused (the decode kernel with Liger's layer kernels in the "
+                         "captured steps, as the pool runs by default)")
     ap.add_argument("--tag", default="", help="appended to the result file's name")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
@@ -122,6 +122,7 @@ def main() -> None:
     tok = IdTokenizer(model.config.vocab_size)
     result = {"device": device_name(), "shape": a.shape, "attn": a.attn, "prompt": a.prompt, "runs": {}}
     variants = a.variants.split(",")
+    G.FUSED_LAYERS = False   # transformers' layers, but in the fused variant
     with torch.inference_mode(), G._decode_kernels(torch.device("cuda")):
         for rows in a.rows:
             a_rows = argparse.Namespace(**{**vars(a), "rows": rows})
@@ -136,9 +137,8 @@ def main() -> None:
                 r = measure(model, tok, argparse.Namespace(**{**vars(a), "rows": a.rows[-1]}), tables=False)
                 run(result, f"{a.rows[-1]}_decode_kernel_block{block_n}_warps{warps}", r)
             DA.BLOCK_N, DA.NUM_WARPS = 64, 4
-        if "fused" in variants:   # the decode kernel with Liger's layer kernels, as sitlib's loader applies them
-            G.DECODE_KERNEL = True
-            result["fused_layers"] = fuse_layers(model)
+        if "fused" in variants:   # the decode kernel with Liger's layer kernels in the captured steps, as by default
+            G.DECODE_KERNEL = G.FUSED_LAYERS = True
             for rows in a.rows:
                 r = measure(model, tok, argparse.Namespace(**{**vars(a), "rows": rows}))
                 run(result, f"{rows}_decode_kernel_fused", r)

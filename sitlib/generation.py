@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import decode_attention, nucleus
+from .models import fused_layers
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,9 @@ NUCLEUS_KERNEL = True
 # weights, attention that takes an additive mask), the live window eagerly elsewhere; True/False force the static or the eager step (on CPU the static step runs without
 # graphs: tests use it).
 STATIC_DECODE: Optional[bool] = None
+# Liger's layer kernels (models.fused_layers) in the pool's prefills and in the decode steps it captures as CUDA
+# graphs, where Liger runs; False keeps transformers' layers (benchmarks time both).
+FUSED_LAYERS = True
 # The static step's attention: sitlib's Triton decode kernel where it runs (decode_attention.py), else transformers'
 # SDPA path; False keeps SDPA everywhere (benchmarks time both).
 DECODE_KERNEL = True
@@ -421,7 +425,8 @@ class _Pool:
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)          # position ids as transformers' generate makes them
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        with self._fused():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         if not self.layers:
             layer_cls = _pool_layer_class()   # a transformers cache layer, so Cache sees attention layers
             self.layers = [layer_cls(layer.keys.new_zeros(self.max_rows, layer.keys.shape[1], self.cols,
@@ -513,15 +518,21 @@ class _Pool:
         if graph is not None:
             graph.replay()
             return self.logits[:rows]
-        logits = self._static_forward(rows, width)
-        if self.logits is None:
-            self.logits = logits.new_empty(self.max_rows, logits.shape[-1])
-        try:
-            self.graphs[(rows, width)] = self._capture(rows, width)
-        except RuntimeError as e:   # e.g. a model whose forward syncs with the host: decode on without graphs
-            warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without graphs")
-            self.graphs = None
+        with self._fused():   # the warm-up step and the capture; replays run the captured kernels
+            logits = self._static_forward(rows, width)
+            if self.logits is None:
+                self.logits = logits.new_empty(self.max_rows, logits.shape[-1])
+            try:
+                self.graphs[(rows, width)] = self._capture(rows, width)
+            except RuntimeError as e:   # e.g. a model whose forward syncs with the host: decode on without graphs
+                warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without graphs")
+                self.graphs = None
         return logits
+
+    def _fused(self):
+        """Liger's layer kernels where this pool captures CUDA graphs (its eager steps stay stock)."""
+        graphs = self.static and self.device.type == "cuda" and self.graphs is not None
+        return fused_layers(self.model) if FUSED_LAYERS and graphs else contextlib.nullcontext(False)
 
     def _capture(self, rows: int, width: int):
         with torch.cuda.device(self.device):   # capture on the model's GPU (a worker's may not be the current one)

@@ -28,7 +28,7 @@ class Profile:
     padding_free: bool = False      # TRL padding-free batches (needs a varlen-capable attention)
     # transformers attention implementation; a name starting with "sit_" is registered by sitlib.attention
     attn_implementation: str = "sdpa"
-    liger: bool = False             # Liger's kernels (training; layer kernels in every forward), when importable
+    liger: bool = False             # Liger's kernels in SFT and prompt tuning, when liger_kernel is importable
     bf16_adapters: bool = False     # trainable weights in bf16 like the base (PEFT keeps them in fp32)
     min_memory_gb: float = 0.0      # the card size (GB) this profile's settings were measured for
     overrides: dict = field(default_factory=dict)   # dotted config keys this profile sets

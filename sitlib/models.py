@@ -1,14 +1,15 @@
 """Model and tokenizer loading (hub id, local folder or the embedded SmolLM2), LoRA and prompt-tuning builders."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-import sys
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .config import Config, LoraConfig, PromptTuningConfig
 from .errors import ConfigError, MissingInputError, ProfileError, SitError
@@ -161,8 +162,6 @@ def load_model(name: str, profile: Profile, for_training: bool = False, role: st
         # this rank's own card under accelerate/torchrun (a fixed 0 puts every rank on the first GPU); None under FSDP
         kwargs["device_map"] = device_map_for_load()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if profile.liger and qc is None:
-        fuse_layers(model)
     if qc is not None and for_training:
         from peft import prepare_model_for_kbit_training
 
@@ -175,46 +174,50 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def fuse_layers(model) -> bool:
-    """Liger's layer kernels (RMSNorm, RoPE, SwiGLU) in every forward of a 16-bit CUDA model, where liger_kernel is
-    importable and knows the architecture; returns whether they were applied. Generation gains most: at 512 rows
-    of the 8B shape a decode step launched ~1,200 kernels, and the elementwise ones took about a quarter of the
-    step (bench/results/profile_pool_8b_NVIDIA_H200.json). The LM head stays transformers' (generation needs its
-    logits; TRL's DPO keeps its own fused head), so no loss is patched.
+@contextlib.contextmanager
+def fused_layers(model) -> Iterator[bool]:
+    """Liger's layer kernels (RMSNorm, RoPE, SwiGLU) in `model`'s forwards inside the block, for a 16-bit CUDA model
+    where liger_kernel is importable and knows the architecture; yields whether they are on. On leaving, the model
+    and its architecture's module are as before.
 
-    Liger also patches the architecture's module globally: its norm and MLP classes (new instances) and the RoPE
-    function (every instance). The classes are put back, since only this model's modules are meant, and RoPE runs
-    Liger's kernel for CUDA tensors only, so a CPU model of the same architecture in the same process still runs."""
+    The generation pool prefills and captures its CUDA graphs inside it; the graphs replay the fused kernels after.
+    At 512 rows of the 8B shape the stock decode step launched ~1,200 kernels, a quarter of its time in elementwise
+    ones (bench/results/profile_pool_8b_NVIDIA_H200.json). Steps launched one by one stay stock: Liger's Python
+    wrappers cost more host time per call than the kernels they fuse save there (profile_pool_8b_fused_*.json).
+    Training gets Liger through TRL (use_liger_kernel), the LM head and loss included."""
     import torch
 
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cuda" or p.dtype not in (torch.bfloat16, torch.float16) \
             or not liger_available():
-        return False
+        yield False
+        return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        yield False
+        return
     module = sys.modules[type(base).__module__]
-    before = dict(vars(module))
+    # Liger patches the architecture's module (norm and MLP classes, the RoPE function) and binds forwards and
+    # settings on the instance's modules: all of it is put back from these copies
+    module_vars = dict(vars(module))
+    instance_vars = [(m, dict(vars(m))) for m in base.modules()]
     _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
-    changed = [name for name, old in before.items() if vars(module)[name] is not old]
-    for name in changed:
-        old, new = before[name], vars(module)[name]
-        setattr(module, name, old if isinstance(old, type) else _on_cuda(new, old))
-    return bool(changed)
-
-
-def _on_cuda(fused, original):
-    """`fused` for CUDA tensors, `original` for the rest (Liger's Triton kernels run on GPUs only)."""
-    if getattr(original, "_sit_cuda_dispatch", False):   # applied before: dispatch from the stock function
-        original = original.original
-
-    def dispatch(q, *args, **kwargs):
-        return (fused if q.is_cuda else original)(q, *args, **kwargs)
-
-    dispatch._sit_cuda_dispatch, dispatch.original = True, original
-    return dispatch
+    try:
+        yield True
+    finally:
+        for k in [k for k in vars(module) if k not in module_vars]:
+            delattr(module, k)
+        for k, v in module_vars.items():
+            setattr(module, k, v)
+        for m, saved in instance_vars:
+            current = vars(m)
+            for k in [k for k in current if k not in saved]:
+                del current[k]
+            current.update(saved)
 
 
 def load_reward_model(name: str, profile: Profile):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sitlib import generation as G
+from sitlib import generation as G, models
 
 
 @pytest.fixture(scope="module")
@@ -453,3 +453,51 @@ def test_repetition_penalty_in_both_generation_paths(decode, lm):
     plain = G.generate(model, tok, inputs, s, batch_size=3)
     assert [c.text for c in plain] != [c.text for c in ours]
     assert G.penalty_processors(1.0) == [] and G.penalty_processors(None) == []
+
+
+def test_pool_fuses_layers_only_where_it_captures_graphs(lm, monkeypatch):
+    """Liger's layer kernels go into the pool's prefills and captured steps only: static CUDA pools whose graphs
+    are on, with FUSED_LAYERS set; eager steps (CPU, the eager window, graphs off after a failed capture) stay stock."""
+    model, tok = lm
+    monkeypatch.setattr(G, "fused_layers", lambda m: "fused")
+    pool = G._Pool(model, tok, [2], 4, 32, [], [])
+    pool.static = True
+    assert pool._fused() != "fused"            # a CPU pool
+    pool.device = torch.device("cuda")
+    assert pool._fused() == "fused"
+    pool.graphs = None
+    assert pool._fused() != "fused"
+    pool.graphs, pool.static = {}, False
+    assert pool._fused() != "fused"
+    pool.static = True
+    monkeypatch.setattr(G, "FUSED_LAYERS", False)
+    assert pool._fused() != "fused"
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and models.liger_available()),
+                    reason="Liger's kernels need a CUDA GPU and liger_kernel")
+def test_captured_steps_replay_the_fused_layers(lm):
+    """A graph captured by the pool replays what the static step computes with Liger's layer kernels on, bit for
+    bit; and the model is stock again outside the capture."""
+    import copy
+
+    model, tok = lm
+    gpu = copy.deepcopy(model).to(torch.bfloat16).cuda()
+    inputs = _prompts(6, seed=4)
+    s = G.Sampling.greedy(8)
+    with torch.inference_mode():
+        pool = G._Pool(gpu, tok, G.eos_ids(gpu, tok), 8, G.pool_columns(inputs, [s]), [], [s])
+        pool.admit([(i, p, s) for i, p in enumerate(inputs)])
+        col = pool.end
+        pool.step()   # the first step at its shape: warm-up and capture
+        rows, width = pool._bucket(col)
+        assert pool.graphs and (rows, width) in pool.graphs
+        pool.col.fill_(col)
+        pool.graphs[(rows, width)].replay()
+        replayed = pool.logits[:rows].clone()
+        with models.fused_layers(gpu) as on:
+            assert on
+            fused = pool._static_forward(rows, width)
+        stock = pool._static_forward(rows, width)
+    assert torch.equal(replayed, fused)
+    assert (stock.float() - fused.float()).abs().max() <= 0.02 * fused.float().abs().max()
