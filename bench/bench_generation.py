@@ -26,7 +26,7 @@ from common import SHAPES, mfu, random_model, record, sync  # noqa: E402
 
 from sitlib.generation import BlockFirstTokens, Sampling, _generate_hf_batches, generate  # noqa: E402
 from sitlib import generation as G  # noqa: E402
-from sitlib.models import liger_available  # noqa: E402
+from sitlib.models import fused_layers  # noqa: E402
 
 
 class IdTokenizer:
@@ -129,13 +129,14 @@ def main() -> None:
         report(name, sum(c.n_tokens for c in out), dt, peak_gb=peak_gb(), rows_in_flight=size or "auto (free memory)",
                **extra)
 
-    fused = G.FUSED_LAYERS and liger_available()   # Liger's layer kernels in prefills and captured steps
+    with fused_layers(model) as on:   # whether Liger's layer kernels apply to this model and machine
+        fused = G.FUSED_LAYERS and on
     if a.unfused_variant:
-        G.FUSED_LAYERS = False
+        before, G.FUSED_LAYERS = G.FUSED_LAYERS, False
         try:
             pool("sitlib_unfused_layers", None)
         finally:
-            G.FUSED_LAYERS = True
+            G.FUSED_LAYERS = before
     for rows in a.pool_rows.split(","):
         pool("sitlib" if rows == "auto" else f"sitlib_rows{rows}", None if rows == "auto" else int(rows),
              fused_layers=fused)

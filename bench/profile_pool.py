@@ -24,6 +24,7 @@ from common import SHAPES, device_name, ms_per_call, random_model  # noqa: E402
 
 from sitlib import decode_attention as DA  # noqa: E402
 from sitlib import generation as G  # noqa: E402
+from sitlib.models import fused_layers  # noqa: E402
 
 
 def full_pool(model, tok, rows: int, prompt: int, new: int):
@@ -113,8 +114,8 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--variants", default="sdpa,decode_kernel,blocks",
                     help="any of sdpa, decode_kernel, blocks (the decode kernel's block sizes; these three with "
-                         "transformers' layers) and fused (the decode kernel with Liger's layer kernels in the "
-                         "captured steps, as the pool runs by default)")
+                         "transformers' layers) and fused (the decode kernel with Liger's layer kernels, in the "
+                         "steps without graphs too)")
     ap.add_argument("--tag", default="", help="appended to the result file's name")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
@@ -137,10 +138,11 @@ def main() -> None:
                 r = measure(model, tok, argparse.Namespace(**{**vars(a), "rows": a.rows[-1]}), tables=False)
                 run(result, f"{a.rows[-1]}_decode_kernel_block{block_n}_warps{warps}", r)
             DA.BLOCK_N, DA.NUM_WARPS = 64, 4
-        if "fused" in variants:   # the decode kernel with Liger's layer kernels in the captured steps, as by default
+        if "fused" in variants:   # the decode kernel with Liger's layer kernels, the steps without graphs included
             G.DECODE_KERNEL = G.FUSED_LAYERS = True
             for rows in a.rows:
-                r = measure(model, tok, argparse.Namespace(**{**vars(a), "rows": rows}))
+                with fused_layers(model) as on:
+                    r = {**measure(model, tok, argparse.Namespace(**{**vars(a), "rows": rows})), "fused_layers": on}
                 run(result, f"{rows}_decode_kernel_fused", r)
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"profile_pool_{a.shape}{a.tag}_{device_name().replace(' ', '_')}.json"

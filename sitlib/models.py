@@ -7,7 +7,9 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -174,50 +176,89 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+# Architectures whose Liger function patches only their own modeling module (so fused_layers can put all of it
+# back) and whose fused decode step was measured: the Llama family (Llama 3.x, SmolLM2)
+FUSED_ARCHITECTURES = ("llama",)
+_FUSING = threading.RLock()   # one patch at a time: the architecture's module is shared by every model of it
+_fused_depth = 0
+_fuse_warned = False
+
+
 @contextlib.contextmanager
 def fused_layers(model) -> Iterator[bool]:
     """Liger's layer kernels (RMSNorm, RoPE, SwiGLU) in `model`'s forwards inside the block, for a 16-bit CUDA model
-    where liger_kernel is importable and knows the architecture; yields whether they are on. On leaving, the model
-    and its architecture's module are as before.
+    of FUSED_ARCHITECTURES where liger_kernel is importable; yields whether they are on. On leaving, the model's
+    norms and MLPs and its architecture's module are as before (a nested block leaves that to the outer one).
 
     The generation pool prefills and captures its CUDA graphs inside it; the graphs replay the fused kernels after.
     At 512 rows of the 8B shape the stock decode step launched ~1,200 kernels, a quarter of its time in elementwise
     ones (bench/results/profile_pool_8b_NVIDIA_H200.json). Steps launched one by one stay stock: Liger's Python
     wrappers cost more host time per call than the kernels they fuse save there (profile_pool_8b_fused_*.json).
-    Training gets Liger through TRL (use_liger_kernel), the LM head and loss included."""
+    Training gets Liger through TRL (use_liger_kernel), for good, the LM head and loss included."""
+    global _fused_depth
     import torch
 
     p = next(model.parameters(), None)
-    if p is None or p.device.type != "cuda" or p.dtype not in (torch.bfloat16, torch.float16) \
-            or not liger_available():
-        yield False
-        return
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+    if p is None or p.device.type != "cuda" or p.dtype not in (torch.bfloat16, torch.float16) \
+            or base.config.model_type not in FUSED_ARCHITECTURES or not liger_available():
         yield False
         return
-    module = sys.modules[type(base).__module__]
-    # Liger patches the architecture's module (norm and MLP classes, the RoPE function) and binds forwards and
-    # settings on the instance's modules: all of it is put back from these copies
-    module_vars = dict(vars(module))
-    instance_vars = [(m, dict(vars(m))) for m in base.modules()]
-    _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+    with _FUSING:
+        if _fused_depth:
+            yield True
+            return
+        module = sys.modules[type(base).__module__]
+        saved = dict(vars(module)), [(m, dict(vars(m))) for m in _liger_patched(base)]
+        if not _apply_liger(base):
+            _restore(module, *saved)
+            yield False
+            return
+        _fused_depth += 1
+        try:
+            yield True
+        finally:
+            _fused_depth -= 1
+            _restore(module, *saved)
+
+
+def _liger_patched(base) -> list:
+    """The modules Liger binds forwards and settings on, for a Llama-family model: the norms (with what a PEFT
+    wrapper holds inside one) and the MLPs."""
+    inner = getattr(base, base.base_model_prefix, base)
+    norms = [inner.norm] + [n for layer in inner.layers
+                            for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    return [m for n in norms for m in n.modules()] + [layer.mlp for layer in inner.layers]
+
+
+def _apply_liger(base) -> bool:
+    """Liger's layer kernels on `base`; False, said once, where the installed Liger cannot apply them (a Triton or
+    transformers it does not support): generation goes on with transformers' layers."""
+    global _fuse_warned
     try:
-        yield True
-    finally:
-        for k in [k for k in vars(module) if k not in module_vars]:
-            delattr(module, k)
-        for k, v in module_vars.items():
-            setattr(module, k, v)
-        for m, saved in instance_vars:
-            current = vars(m)
-            for k in [k for k in current if k not in saved]:
-                del current[k]
-            current.update(saved)
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+        return True
+    except Exception as e:   # noqa: BLE001  (an optional accelerator: any failure means "not here")
+        if not _fuse_warned:
+            warnings.warn(f"Liger's layer kernels could not be applied ({type(e).__name__}: {e}); "
+                          "generation uses transformers' layers")
+            _fuse_warned = True
+        return False
+
+
+def _restore(module, module_vars: dict, instance_vars: list) -> None:
+    for k in [k for k in vars(module) if k not in module_vars]:
+        delattr(module, k)
+    for k, v in module_vars.items():
+        setattr(module, k, v)
+    for m, saved in instance_vars:
+        current = vars(m)
+        for k in [k for k in current if k not in saved]:
+            del current[k]
+        current.update(saved)
 
 
 def load_reward_model(name: str, profile: Profile):

@@ -477,19 +477,34 @@ def test_pool_fuses_layers_only_where_it_captures_graphs(lm, monkeypatch):
 @pytest.mark.skipif(not (torch.cuda.is_available() and models.liger_available()),
                     reason="Liger's kernels need a CUDA GPU and liger_kernel")
 def test_captured_steps_replay_the_fused_layers(lm):
-    """A graph captured by the pool replays what the static step computes with Liger's layer kernels on, bit for
-    bit; and the model is stock again outside the capture."""
+    """The pool's prefill and its first step at a shape (warm-up and capture) run inside fused_layers; the graph
+    replays what the static step computes with Liger's layer kernels on, bit for bit; and the model is stock again
+    outside them."""
     import copy
 
     model, tok = lm
     gpu = copy.deepcopy(model).to(torch.bfloat16).cuda()
     inputs = _prompts(6, seed=4)
     s = G.Sampling.greedy(8)
+    entered = []
+
+    def spy(m):
+        entered.append(m)
+        return models.fused_layers(m)
+
     with torch.inference_mode():
         pool = G._Pool(gpu, tok, G.eos_ids(gpu, tok), 8, G.pool_columns(inputs, [s]), [], [s])
-        pool.admit([(i, p, s) for i, p in enumerate(inputs)])
-        col = pool.end
-        pool.step()   # the first step at its shape: warm-up and capture
+        G.fused_layers = spy
+        try:
+            pool.admit([(i, p, s) for i, p in enumerate(inputs)])
+            assert entered == [gpu]
+            col = pool.end
+            pool.step()   # the first step at its shape: warm-up and capture
+            assert entered == [gpu, gpu]
+            pool.step()   # a replay, if the bucket holds
+        finally:
+            G.fused_layers = models.fused_layers
+        assert "forward" not in vars(gpu.model.norm) and "forward" not in vars(gpu.model.layers[0].mlp)
         rows, width = pool._bucket(col)
         assert pool.graphs and (rows, width) in pool.graphs
         pool.col.fill_(col)
@@ -499,5 +514,5 @@ def test_captured_steps_replay_the_fused_layers(lm):
             assert on
             fused = pool._static_forward(rows, width)
         stock = pool._static_forward(rows, width)
-    assert torch.equal(replayed, fused)
+    assert torch.equal(replayed, fused) and not torch.equal(stock, fused)
     assert (stock.float() - fused.float()).abs().max() <= 0.05 * fused.float().abs().max()   # bf16 rounding

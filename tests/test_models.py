@@ -152,7 +152,7 @@ def test_embedded_model_loads_fast_after_conversion():
     assert model.config.vocab_size == 49152
 
 
-def test_fused_layers_leave_cpu_and_32_bit_models_alone(tiny_model_dir, monkeypatch):
+def test_fused_layers_leave_cpu_models_alone(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(models, "liger_available", lambda: True)
@@ -160,6 +160,48 @@ def test_fused_layers_leave_cpu_and_32_bit_models_alone(tiny_model_dir, monkeypa
     forward = model.model.norm.forward
     with models.fused_layers(model) as on:
         assert on is False and model.model.norm.forward == forward
+
+
+def test_fused_layers_snapshot_and_restore(tiny_model_dir):
+    """What Liger binds on a Llama (every norm, every MLP) is snapshotted, and put back exactly: a bound forward
+    and an added setting go, a changed value returns, the module's names too."""
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    patched = models._liger_patched(model)
+    layers = model.config.num_hidden_layers
+    assert len(patched) == 1 + 3 * layers and model.model.layers[0].mlp in patched and model.model.norm in patched
+    module = types.ModuleType("arch")
+    module.apply_rotary_pos_emb = stock = object()
+    saved = dict(vars(module)), [(m, dict(vars(m))) for m in patched]
+    norm = model.model.norm
+    norm.__dict__["forward"] = lambda x: x
+    norm.casting_mode, norm.variance_epsilon = "llama", 1.0
+    module.apply_rotary_pos_emb, module.added = object(), 1
+    models._restore(module, *saved)
+    assert "forward" not in vars(norm) and not hasattr(norm, "casting_mode") and norm.variance_epsilon != 1.0
+    assert module.apply_rotary_pos_emb is stock and not hasattr(module, "added")
+
+
+def test_a_liger_that_cannot_apply_is_said_once(tiny_model_dir, monkeypatch):
+    import sys
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    broken = types.ModuleType("liger_kernel.transformers")   # no _apply_liger_kernel_to_instance: ImportError
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", broken)
+    monkeypatch.setattr(models, "_fuse_warned", False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.warns(UserWarning, match="transformers' layers"):
+        assert models._apply_liger(model) is False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert models._apply_liger(model) is False
 
 
 def _liger_gpu() -> bool:
@@ -171,8 +213,9 @@ def _liger_gpu() -> bool:
 @pytest.mark.skipif(not _liger_gpu(), reason="Liger's kernels need a CUDA GPU and liger_kernel")
 def test_fused_layers_on_gpu(tiny_model_dir):
     """On a GPU: inside the block the model's logits equal the stock model's within bf16 rounding, through Liger's
-    forwards; after it the model (same logits, bit for bit) and its architecture's module are stock again, so a
-    CPU model of the same architecture built afterwards is stock and runs."""
+    forwards (a nested block changes nothing); after it the model (same logits, bit for bit) and its
+    architecture's module are stock again, so a CPU model of the same architecture built afterwards is stock and
+    runs."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.models.llama import modeling_llama
@@ -186,6 +229,9 @@ def test_fused_layers_on_gpu(tiny_model_dir):
         with models.fused_layers(model) as on:
             assert on and model.model.norm.forward.__func__ is not norm_forward
             assert modeling_llama.apply_rotary_pos_emb is not stock["apply_rotary_pos_emb"]
+            with models.fused_layers(model) as inner:   # nested: the outer block keeps them on
+                assert inner
+            assert model.model.norm.forward.__func__ is not norm_forward
             fused = model(ids).logits
         after = model(ids).logits
     assert (fused.float() - before.float()).abs().max() <= 0.05 * before.float().abs().max()   # bf16 rounding
