@@ -85,6 +85,9 @@ class PreferenceConfig:
     candidate_source: str = "teacher"
     repetition_penalty: Optional[float] = None   # as generation.repetition_penalty, for the candidates' model
     teacher_answers: bool = True   # a constrained row's 02 answers join the candidates (False: only this run's)
+    # a checked prompt gives up to this many pass → fail pairs: its best passing answers against its worst failing
+    # ones, each answer in one pair at most (1: the best against the worst)
+    pairs_per_prompt: int = 1
 
 
 @dataclass
@@ -351,6 +354,7 @@ RANGES = {
     "preference.max_new_tokens": _at_least(1), "preference.batch_size": _at_least(1),
     "preference.min_margin": _at_least(0), "preference.val_fraction": _between(0, 1),
     "preference.chunk_size": _at_least(1), "preference.candidate_source": _one_of("teacher", "sft"),
+    "preference.pairs_per_prompt": _at_least(1),
     "lora.r": _at_least(1), "lora.alpha": _above(0), "lora.dropout": _between(0, 1, lo_open=False),
     "prompt_tuning.num_virtual_tokens": _at_least(1), "prompt_tuning.init": _one_of("text", "random"),
     "dpo.beta": _above(0), "dpo.pairs": _one_of("all", "constraint_check", "score"),

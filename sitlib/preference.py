@@ -186,36 +186,46 @@ def read_candidates(session) -> list[dict]:
     return read_jsonl(session.paths.data_preference / "candidates.jsonl", "04_preference_generation")
 
 
-def pick(record: dict) -> tuple[dict, dict, str] | None:
-    """(chosen, rejected, rule) for one prompt, or None when it has no usable pair. Never a cut-off chosen."""
+def picks(record: dict, k: int = 1) -> list[tuple[dict, dict, str]]:
+    """Up to k (chosen, rejected, rule) for one prompt, best first; none when it has no usable pair. Never a
+    cut-off chosen. A checked prompt pairs its passing answers, best first, with its failing ones, worst first (each
+    answer once); a scored prompt gives its best finished answer against its worst."""
     cands = [c for c in record["candidates"] if c["text"].strip()]
     if record.get("constraints"):
-        good = [c for c in cands if c["pass"] and c["ended"]]
-        bad = [c for c in cands if not c["pass"]]
-        if not good or not bad:
-            return None
-        return max(good, key=lambda c: c["score"]), min(bad, key=lambda c: c["score"]), "constraint_check"
+        good = sorted((c for c in cands if c["pass"] and c["ended"]), key=lambda c: -c["score"])
+        bad = sorted((c for c in cands if not c["pass"]), key=lambda c: c["score"])
+        return [(g, b, "constraint_check") for g, b in zip(good, bad)][:k]
     finished = [c for c in cands if c["ended"]]
     if not finished:
-        return None
-    return max(finished, key=lambda c: c["score"]), min(cands, key=lambda c: c["score"]), "score"
+        return []
+    return [(max(finished, key=lambda c: c["score"]), min(cands, key=lambda c: c["score"]), "score")]
+
+
+def pick(record: dict) -> tuple[dict, dict, str] | None:
+    """The prompt's best (chosen, rejected, rule), or None."""
+    return next(iter(picks(record)), None)
+
+
+def to_pairs(record: dict, min_margin: float, k: int = 1) -> list[dict]:
+    """TRL's prompt/chosen/rejected rows of one prompt (at most k); score pairs need margin ≥ min_margin, check
+    pairs only pass vs fail."""
+    rows = []
+    for best, worst, rule in picks(record, k):
+        margin = best["score"] - worst["score"]
+        if best["text"].strip() == worst["text"].strip() or (rule == "score" and margin < min_margin):
+            continue
+        rows.append({"id": record["id"], "prompt": [{"role": "user", "content": record["prompt"]}],
+                     "chosen": [{"role": "assistant", "content": best["text"]}],
+                     "rejected": [{"role": "assistant", "content": worst["text"]}],
+                     "score_chosen": best["score"], "score_rejected": worst["score"], "margin": round(margin, 4),
+                     "pair_rule": rule, "chosen_from": best["source"], "rejected_from": worst["source"],
+                     "candidate_source": record["candidate_source"], "scorer": record["scorer"]})
+    return rows
 
 
 def to_pair(record: dict, min_margin: float) -> dict | None:
-    """TRL's prompt/chosen/rejected row; score pairs need margin ≥ min_margin, check pairs only pass vs fail."""
-    picked = pick(record)
-    if picked is None:
-        return None
-    best, worst, rule = picked
-    margin = best["score"] - worst["score"]
-    if best["text"].strip() == worst["text"].strip() or (rule == "score" and margin < min_margin):
-        return None
-    return {"id": record["id"], "prompt": [{"role": "user", "content": record["prompt"]}],
-            "chosen": [{"role": "assistant", "content": best["text"]}],
-            "rejected": [{"role": "assistant", "content": worst["text"]}],
-            "score_chosen": best["score"], "score_rejected": worst["score"], "margin": round(margin, 4),
-            "pair_rule": rule, "chosen_from": best["source"], "rejected_from": worst["source"],
-            "candidate_source": record["candidate_source"], "scorer": record["scorer"]}
+    """The prompt's best pair as TRL's row, or None."""
+    return next(iter(to_pairs(record, min_margin)), None)
 
 
 def margins(records: list[dict]) -> list[float]:
@@ -229,7 +239,8 @@ def margins(records: list[dict]) -> list[float]:
 
 
 def make_pairs(session, records: list[dict]) -> list[dict]:
-    pairs = [x for x in (to_pair(r, session.config.preference.min_margin) for r in records) if x]
+    cfg = session.config.preference
+    pairs = [x for r in records for x in to_pairs(r, cfg.min_margin, cfg.pairs_per_prompt)]
     if len(pairs) < 2:
         raise BadInputError(f"only {len(pairs)} of {len(records)} prompts gave a pair (margin ≥ "
                             f"{session.config.preference.min_margin} or pass vs fail): too few for DPO; lower "
@@ -238,13 +249,23 @@ def make_pairs(session, records: list[dict]) -> list[dict]:
 
 
 def write_pairs(session, pairs: list[dict], records: list[dict], sampling: dict) -> dict:
-    """dpo_{train,val}.jsonl (seeded shuffle), the margin histogram and preference_metrics.json."""
+    """dpo_{train,val}.jsonl (seeded shuffle of the prompts: a prompt's pairs stay on one side), the margin histogram
+    and preference_metrics.json."""
     from .figures import histogram
 
     cfg, p = session.config.preference, session.paths
-    pairs = list(pairs)
-    random.Random(session.config.seed).shuffle(pairs)
-    n_val = max(1, round(len(pairs) * cfg.val_fraction))
+    by_prompt: dict = {}
+    for x in pairs:
+        by_prompt.setdefault(x["id"], []).append(x)
+    groups = list(by_prompt.values())
+    random.Random(session.config.seed).shuffle(groups)
+    wanted, n_val = max(1, round(len(pairs) * cfg.val_fraction)), 0
+    for group in groups:   # whole prompts into validation until it holds its share, training keeping some
+        if n_val >= wanted or n_val + len(group) >= len(pairs):
+            break
+        n_val += len(group)
+    n_val = max(n_val, 1)   # one prompt held every pair (a tiny run): it gives to both sides
+    pairs = [x for group in groups for x in group]
     write_jsonl(p.data_preference / "dpo_train.jsonl", pairs[n_val:])
     write_jsonl(p.data_preference / "dpo_val.jsonl", pairs[:n_val])
     histogram(margins(records), p.evaluation_figures / "preference_margins.png",
@@ -256,6 +277,7 @@ def write_pairs(session, pairs: list[dict], records: list[dict], sampling: dict)
                "mean_margin": round(sum(ms) / len(ms), 4), "min_margin": cfg.min_margin,
                "candidate_source": records[0]["candidate_source"], "scorer": records[0]["scorer"],
                "temperatures": list(cfg.temperatures), "samples_per_prompt": len(cfg.temperatures),
+               "pairs_per_prompt": cfg.pairs_per_prompt,
                "chosen_ended_rate": round(sum(ended[(x["id"], x["chosen"][0]["content"])] for x in pairs)
                                           / len(pairs), 4),
                # who wrote each side: this run's candidates (source@temperature) or the 02 teacher's answers

@@ -135,6 +135,8 @@ def test_a_bad_value_names_the_layer_that_set_it(tmp_path):
         load_config(f)
     with pytest.raises(ConfigError, match=r"^overrides: config key 'dpo\.pairs': 'x' is out of range"):
         load_config(None, {}, {"dpo.pairs": "x"})
+    with pytest.raises(ConfigError, match=r"^overrides: config key 'preference\.pairs_per_prompt': 0 is out"):
+        load_config(None, {}, {"preference.pairs_per_prompt": 0})
     with pytest.raises(ConfigError, match=r"^the profile's settings: config key 'lora\.r'"):
         load_config(None, {"lora.r": 0})
     f.write_text(json.dumps({"sft": {"rowz": "all"}}))

@@ -487,6 +487,39 @@ def test_constrained_row_without_a_passing_answer_is_rejected_and_passing_one_ke
     assert sft["failed_answers"] == ["Rain, wet."]
 
 
+def _checked(i, passing, failing):
+    return {"id": i, "prompt": f"Describe rain {i}. Do not use any commas.", "candidate_source": "sft",
+            "scorer": "offline", "constraints": [{"id": "punctuation:no_comma", "kwargs": {}}],
+            "candidates": [_cand(f"pass {i} {k}", s, passed=True) for k, s in enumerate(passing)]
+            + [_cand(f"fail, {i} {k}", s, passed=False) for k, s in enumerate(failing)]
+            + [_cand(f"cut off {i}", 9.0, ended=False, passed=True)]}
+
+
+def test_several_pairs_per_checked_prompt_pair_best_passes_with_worst_fails_once_each():
+    rec = _checked(0, passing=[0.5, 0.9, 0.1], failing=[0.4, 0.0])
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in preference.to_pairs(rec, 0.0, 1)] \
+        == [("pass 0 1", "fail, 0 1")]
+    assert preference.to_pair(rec, 0.0)["chosen"][0]["content"] == "pass 0 1"
+    pairs = preference.to_pairs(rec, 0.0, 3)   # two failing answers: two pairs, each answer in one
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] \
+        == [("pass 0 1", "fail, 0 1"), ("pass 0 0", "fail, 0 0")]
+    scored = {"id": 1, "prompt": "p", "candidate_source": "sft", "scorer": "offline",
+              "candidates": [_cand("good", 1.0), _cand("middle", 0.5), _cand("bad", 0.0)]}
+    assert len(preference.to_pairs(scored, 0.0, 3)) == 1   # a scored prompt: its best against its worst
+
+
+def test_a_prompts_pairs_stay_on_one_side_of_the_split(tiny_model_dir, tmp_path):
+    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.pairs_per_prompt": 2, "preference.val_fraction": 0.3})
+    recs = [_checked(i, passing=[0.9, 0.5], failing=[0.0, 0.3]) for i in range(10)]
+    pairs = preference.make_pairs(S, recs)
+    assert len(pairs) == 20
+    metrics = preference.write_pairs(S, pairs, recs, {})
+    sides = {f: [json.loads(x)["id"] for x in (S.paths.data_preference / f"{f}.jsonl").read_text().splitlines()]
+             for f in ("dpo_train", "dpo_val")}
+    assert not set(sides["dpo_train"]) & set(sides["dpo_val"]) and len(sides["dpo_val"]) == 6
+    assert metrics["pairs_per_prompt"] == 2 and metrics["dpo_train"] == 14
+
+
 def test_notebook_views_of_the_filter():
     rows = [_row(0, "Write a poem about cats please.", "I'm sorry, but I can't help with that request today."),
             _row(1, "## Step 1: compute the area of the square", "The area is 16 square units in total here."),
