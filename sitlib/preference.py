@@ -259,15 +259,15 @@ def write_pairs(session, pairs: list[dict], records: list[dict], sampling: dict)
         by_prompt.setdefault(x["id"], []).append(x)
     groups = list(by_prompt.values())
     random.Random(session.config.seed).shuffle(groups)
-    wanted, n_val = max(1, round(len(pairs) * cfg.val_fraction)), 0
+    wanted, val, train = max(1, round(len(pairs) * cfg.val_fraction)), [], []
     for group in groups:   # whole prompts into validation until it holds its share, training keeping some
-        if n_val >= wanted or n_val + len(group) >= len(pairs):
-            break
-        n_val += len(group)
-    n_val = max(n_val, 1)   # one prompt held every pair (a tiny run): it gives to both sides
-    pairs = [x for group in groups for x in group]
-    write_jsonl(p.data_preference / "dpo_train.jsonl", pairs[n_val:])
-    write_jsonl(p.data_preference / "dpo_val.jsonl", pairs[:n_val])
+        room = len(val) < wanted and len(val) + len(group) < len(pairs)
+        (val if room else train).extend(group)
+    if not val:   # one prompt held every pair (a tiny run): it gives to both sides
+        val, train = train[:1], train[1:]
+    write_jsonl(p.data_preference / "dpo_train.jsonl", train)
+    write_jsonl(p.data_preference / "dpo_val.jsonl", val)
+    pairs, n_val = val + train, len(val)
     histogram(margins(records), p.evaluation_figures / "preference_margins.png",
               "Chosen − rejected score per prompt", "margin", cfg.min_margin)
     ms = [x["margin"] for x in pairs]

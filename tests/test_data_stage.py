@@ -520,6 +520,19 @@ def test_a_prompts_pairs_stay_on_one_side_of_the_split(tiny_model_dir, tmp_path)
     assert metrics["pairs_per_prompt"] == 2 and metrics["dpo_train"] == 14
 
 
+def test_one_pair_per_prompt_splits_as_a_seeded_shuffle_of_the_pairs(tiny_model_dir, tmp_path):
+    import random
+
+    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.val_fraction": 0.2})
+    recs = [_checked(i, passing=[0.9], failing=[0.0]) for i in range(11)]
+    pairs = preference.make_pairs(S, recs)
+    preference.write_pairs(S, pairs, recs, {})
+    want = [x["id"] for x in pairs]
+    random.Random(S.config.seed).shuffle(want)
+    val = [json.loads(x)["id"] for x in (S.paths.data_preference / "dpo_val.jsonl").read_text().splitlines()]
+    assert val == want[:2]
+
+
 def test_notebook_views_of_the_filter():
     rows = [_row(0, "Write a poem about cats please.", "I'm sorry, but I can't help with that request today."),
             _row(1, "## Step 1: compute the area of the square", "The area is 16 square units in total here."),
