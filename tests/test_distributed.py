@@ -270,6 +270,8 @@ def _train(model_dir: str, out: Path, max_steps: int, resume: bool) -> None:
     result["losses"] = [loss for _, loss in result["steps"]]
     dist.main_process_only(write_json)(out / "result.json", result)
     dist.main_process_only(write_text)(out / f"rank-{dist.world().rank}.txt", "written\n")
+    if torch.distributed.is_initialized():   # as PyTorch asks of every script: gloo's threads can abort at exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
