@@ -267,7 +267,7 @@ def write_pairs(session, pairs: list[dict], records: list[dict], sampling: dict)
         val, train = train[:1], train[1:]
     write_jsonl(p.data_preference / "dpo_train.jsonl", train)
     write_jsonl(p.data_preference / "dpo_val.jsonl", val)
-    pairs, n_val = val + train, len(val)
+    n_val = len(val)
     histogram(margins(records), p.evaluation_figures / "preference_margins.png",
               "Chosen − rejected score per prompt", "margin", cfg.min_margin)
     ms = [x["margin"] for x in pairs]
