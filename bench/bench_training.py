@@ -176,6 +176,7 @@ class StepProfile:
                     wall = time.perf_counter() - self.t
                     self.prof.__exit__(None, None, None)
                     ka = self.prof.key_averages()
+                    path.parent.mkdir(parents=True, exist_ok=True)
                     dev = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
                     path.write_text(f"{n} optimizer steps after {warm}: {wall:.3f} s wall\n\n"
                                     f"by self CPU time:\n{ka.table(sort_by='self_cpu_time_total', row_limit=30)}\n"
@@ -184,6 +185,16 @@ class StepProfile:
                     self.prof = None
 
         return _StepProfile()
+
+
+def profiled(args, steps: int, section: str) -> list:
+    """With --torch-profile N: N more steps after the timed ones run under the profiler (not timed; the schedule
+    then spans steps + N, so the losses differ a little from a run without it); the callback to add, else none."""
+    if not ARGS.torch_profile:
+        return []
+    args.max_steps = steps + ARGS.torch_profile
+    return [StepProfile(steps, ARGS.torch_profile, Path(ARGS.out) / f"profile_{section}_{ARGS.shape}_"
+                        f"{common.device_name().replace(' ', '_')}.txt")]
 
 
 def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tokens",
@@ -335,11 +346,8 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
     set_trl(args)
     clock = Clock()
     extra = []
-    if profile and ARGS.torch_profile:   # N more steps after the timed ones, under the profiler (not timed; the
-        # schedule then spans steps + N, so its losses differ a little from a run without --torch-profile)
-        args.max_steps = steps + ARGS.torch_profile
-        extra = [StepProfile(steps, ARGS.torch_profile, Path(ARGS.out) / f"profile_{section}_{ARGS.shape}_"
-                             f"{common.device_name().replace(' ', '_')}.txt")]
+    if profile:
+        extra = profiled(args, steps, section)
     tr = training.length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, processing_class=tok,
                                              peft_config=peft_cfg, callbacks=[clock, *extra])
     if section == "prompt_tuning":
@@ -409,11 +417,12 @@ def dpo_sitlib(S, steps, n_params, warm):
     args.eval_strategy, args.save_strategy = "no", "no"
     set_trl(args)
     clock = Clock()
-    tr = training.dpo_trainer(policy, args, train, None, tok, callbacks=[clock])
+    extra = profiled(args, steps, "dpo")
+    tr = training.dpo_trainer(policy, args, train, None, tok, callbacks=[clock, *extra])
     unpadded = unpadding.settings(tr.model)   # what dpo_trainer set (a "sit_varlen" model only)
     clock.attach(tr.model)
     training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
-    res = measure(tr, clock, warm, n_params)
+    res = measure(tr, clock, warm, n_params, timed=steps)
     d = S.config.dpo
     return {**res, "how": f"profile {S.profile.name}: one bf16 base, reference = frozen adapter copy, batch "
                           f"{d.batch_size}x{d.gradient_accumulation}, sampler {args.train_sampling_strategy}"
@@ -496,8 +505,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", help="extra sitlib config KEY=VALUE for the sitlib variants")
     ap.add_argument("--trl", action="append", help="extra SFTConfig KEY=VALUE for the sitlib variants "
                     "(e.g. use_liger_kernel=true)")
-    ap.add_argument("--torch-profile", type=int, default=0, help="N: profile N steps of the sitlib SFT variant "
-                    "after its timed ones (profile_sft_<shape>_<device>.txt in --out)")
+    ap.add_argument("--torch-profile", type=int, default=0, help="N: profile N steps of each sitlib variant "
+                    "after its timed ones (profile_<section>_<shape>_<device>.txt in --out)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ARGS = a = ap.parse_args()
     if a.warm < 1:
@@ -560,7 +569,8 @@ def main() -> None:
         record("dpo", res, a.out)
 
     if "prompt_tuning" in sections:
-        res = {"sitlib": guarded(lambda: sft_sitlib(fast, steps, n_params, a.warm, section="prompt_tuning")),
+        res = {"sitlib": guarded(lambda: sft_sitlib(fast, steps, n_params, a.warm, section="prompt_tuning",
+                                                         profile=True)),
                "seed_recipe": guarded(lambda: pt_seed_recipe(path, fast, steps, n_params, a.warm))
                if "seed_recipe" in a.variants.split(",") else {"skipped": "not in --variants"}}
         if res["seed_recipe"].get("real_tok_per_s") and res["sitlib"].get("real_tok_per_s"):

@@ -381,9 +381,9 @@ def check_ranges(cfg: Config, where=lambda key: "") -> None:
             if not ok(value):
                 raise ConfigError(f"{where(key)}config key '{key}': {value!r} is out of range (allowed: {allowed})")
     temps = cfg.preference.temperatures
-    if not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
+    if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 for t in temps):
         raise ConfigError(f"{where('preference.temperatures')}config key 'preference.temperatures': {temps!r} "
-                          "(allowed: a non-empty list of numbers > 0)")
+                          "(allowed: a non-empty list of numbers ≥ 0; 0 is greedy)")
     for kind in ("instruction", "response"):
         lo, hi = getattr(cfg.filter, f"min_{kind}_words"), getattr(cfg.filter, f"max_{kind}_words")
         if lo > hi:

@@ -75,6 +75,18 @@ def load_candidate_model(session):
                       f"got {source!r}")
 
 
+def sampling(temperature: float, cfg: PreferenceConfig) -> Sampling:
+    """One candidate's decoding: temperature 0 is greedy (the answer 07 scores), else temperature + top-p."""
+    if temperature == 0:
+        return Sampling.greedy(cfg.max_new_tokens)
+    return Sampling(cfg.max_new_tokens, temperature, cfg.top_p)
+
+
+def source_label(source: str, temperature: float) -> str:
+    """"sft@0.8", or "sft@greedy" for temperature 0."""
+    return f"{source}@{'greedy' if temperature == 0 else temperature}"
+
+
 def sample_candidates(model, tok, items: list[dict], cfg: PreferenceConfig, seed: int) -> list[list]:
     """Completions per item, one per temperature: every prompt × temperature in one `generate` call (one
     Sampling per row), at most preference.batch_size rows in flight."""
@@ -84,7 +96,7 @@ def sample_candidates(model, tok, items: list[dict], cfg: PreferenceConfig, seed
     temps = list(cfg.temperatures)
     torch.manual_seed(seed)
     flat = generate(model, tok, [x for x in inputs for _ in temps],
-                    [Sampling(cfg.max_new_tokens, t, cfg.top_p) for _ in inputs for t in temps], cfg.batch_size,
+                    [sampling(t, cfg) for _ in inputs for t in temps], cfg.batch_size,
                     penalty_processors(cfg.repetition_penalty))
     return [flat[i * len(temps):(i + 1) * len(temps)] for i in range(len(items))]
 
@@ -96,7 +108,7 @@ def candidate_records(items: list[dict], completions: list[list], cfg: Preferenc
 
     records = []
     for it, comps in zip(items, completions):
-        cands = [{"source": f"{source}@{t}", "temperature": t, "text": c.text, "ended": c.ended}
+        cands = [{"source": source_label(source, t), "temperature": t, "text": c.text, "ended": c.ended}
                  for t, c in zip(cfg.temperatures, comps)]
         # the 02 teacher's answers of a constrained row (ended: 03 kept only finished ones as the completion)
         cands += [{"source": "02 teacher", "temperature": None, "text": a, "ended": True}
@@ -189,11 +201,13 @@ def read_candidates(session) -> list[dict]:
 def picks(record: dict, k: int = 1) -> list[tuple[dict, dict, str]]:
     """Up to k (chosen, rejected, rule) for one prompt, best first; none when it has no usable pair. Never a
     cut-off chosen. A checked prompt pairs its passing answers, best first, with its failing ones, worst first (each
-    answer once); a scored prompt gives its best finished answer against its worst."""
+    answer once), except that a failing greedy answer (temperature 0) is rejected first: it is the answer 07
+    scores, so that pair moves what evaluation sees. A scored prompt gives its best finished answer against its
+    worst."""
     cands = [c for c in record["candidates"] if c["text"].strip()]
     if record.get("constraints"):
         good = sorted((c for c in cands if c["pass"] and c["ended"]), key=lambda c: -c["score"])
-        bad = sorted((c for c in cands if not c["pass"]), key=lambda c: c["score"])
+        bad = sorted((c for c in cands if not c["pass"]), key=lambda c: (c.get("temperature") != 0, c["score"]))
         return [(g, b, "constraint_check") for g, b in zip(good, bad)][:k]
     finished = [c for c in cands if c["ended"]]
     if not finished:

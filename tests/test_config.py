@@ -123,6 +123,13 @@ def test_boundaries_that_are_allowed():
     assert cfg.lora.r == 1 and cfg.models.max_seq_length == 16
 
 
+def test_preference_temperatures_allow_greedy_zero_but_not_negative():
+    assert load_config(None, None, {"preference.temperatures": [0, 0.8]}).preference.temperatures == [0, 0.8]
+    for bad in ([-0.1, 0.8], [], [True]):
+        with pytest.raises(ConfigError, match=r"'preference.temperatures'.*numbers ≥ 0; 0 is greedy"):
+            load_config(None, None, {"preference.temperatures": bad})
+
+
 def test_min_above_max_words_is_rejected():
     with pytest.raises(ConfigError, match="filter.min_response_words.*must not exceed"):
         load_config(None, None, {"filter.min_response_words": 50, "filter.max_response_words": 10})

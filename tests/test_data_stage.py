@@ -508,6 +508,36 @@ def test_several_pairs_per_checked_prompt_pair_best_passes_with_worst_fails_once
     assert len(preference.to_pairs(scored, 0.0, 3)) == 1   # a scored prompt: its best against its worst
 
 
+def test_a_failing_greedy_answer_is_rejected_first():
+    rec = _checked(0, passing=[0.5, 0.9], failing=[0.4, 0.0, 0.7])
+    greedy = rec["candidates"][2]   # "fail, 0 0" (score 0.4): not the worst by score
+    greedy.update(temperature=0, source="sft@greedy")
+    pairs = preference.to_pairs(rec, 0.0, 2)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] \
+        == [("pass 0 1", "fail, 0 0"), ("pass 0 0", "fail, 0 1")]
+    assert pairs[0]["rejected_from"] == "sft@greedy"
+
+
+def test_temperature_zero_is_the_greedy_answer(tiny_model_dir, tmp_path, monkeypatch):
+    from sitlib import scoring
+    from sitlib.generation import chat_input_ids
+
+    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.temperatures": [0, 1.3]})
+    seen = []
+    real = preference.generate
+    monkeypatch.setattr(preference, "generate", lambda m, t, inputs, sampling, *a, **k: seen.extend(sampling) or
+                        real(m, t, inputs, sampling, *a, **k))
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir), S.profile)
+    items = [{"id": 0, "prompt": "Name a colour."}, {"id": 1, "prompt": "Count to three."}]
+    comps = preference.sample_candidates(model, tok, items, S.config.preference, seed=1)
+    assert [s.do_sample for s in seen] == [False, True, False, True]
+    want = generate(model, tok, chat_input_ids(tok, [[{"role": "user", "content": it["prompt"]}] for it in items]),
+                    Sampling.greedy(S.config.preference.max_new_tokens))
+    assert [c[0].text for c in comps] == [w.text for w in want]
+    records = preference.candidate_records(items, comps, S.config.preference, "sft", scoring.OfflineScorer(model, tok))
+    assert [c["source"] for c in records[0]["candidates"]] == ["sft@greedy", "sft@1.3"]
+
+
 def test_a_prompts_pairs_stay_on_one_side_of_the_split(tiny_model_dir, tmp_path):
     S = _pref_session(tiny_model_dir, tmp_path, **{"preference.pairs_per_prompt": 2, "preference.val_fraction": 0.3})
     recs = [_checked(i, passing=[0.9, 0.5], failing=[0.0, 0.3]) for i in range(10)]
