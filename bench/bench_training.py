@@ -328,9 +328,7 @@ def sft_stock_best(path, tok, train, steps, n_params, warm):
 def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = False):
     """Notebook 05's (or 05b's) blocks: tokenized split, load_model, the config's LoRA/prompt tuning, sft_args."""
     from peft import LoraConfig, PromptTuningConfig
-    from trl import SFTTrainer
-
-    from sitlib import training, unpadding
+    from sitlib import lora, training, unpadding
     from sitlib.models import load_model, load_tokenizer
 
     write_data(S, ARGS.rows)
@@ -348,10 +346,8 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
     extra = []
     if profile:
         extra = profiled(args, steps, section)
-    tr = training.length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, processing_class=tok,
-                                             peft_config=peft_cfg, callbacks=[clock, *extra])
-    if section == "prompt_tuning":
-        unpadding.unpad(tr.model, args.pad_to_multiple_of)   # as 05b does
+    # notebook 05's / 05b's builder: unpadding where rows come padded (prompt tuning), fused LoRA on a GPU
+    tr = training.sft_trainer(model, args, train, None, tok, peft_cfg, callbacks=[clock, *extra])
     unpadded = unpadding.settings(tr.model)
     clock.attach(tr.model)
     training.match_adapter_dtype(tr, S.profile)   # as run_trainer does
@@ -362,6 +358,7 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
                   + (f", LoRA dropout {L.dropout}" if section == "sft" else "")
                   + (f", packed into {sec.pack_tokens} tokens" if getattr(sec, "pack_tokens", 0) else "")
                   + (f", padded batches run padding-free {unpadded}" if unpadded else "")
+                  + (f", LoRA fused in {lora.fused(tr.model)} layers" if section == "sft" else "")
                   + f", Liger {'on' if args.use_liger_kernel else 'off'}"
                   + f", adapters {'bf16' if S.profile.adapters_bf16 else 'fp32'}"
                   + "".join(f", {k}={v}" for k, v in parse_sets(ARGS.trl).items()))
@@ -399,7 +396,7 @@ def dpo_sitlib(S, steps, n_params, warm):
     """Notebook 06's blocks: a fresh LoRA adapter stands in for the SFT one (weights do not change speed)."""
     from peft import LoraConfig, get_peft_model
 
-    from sitlib import training, unpadding
+    from sitlib import lora, training, unpadding
     from sitlib.models import load_model, load_tokenizer
 
     tok = load_tokenizer(S.config.models.student)
@@ -429,6 +426,7 @@ def dpo_sitlib(S, steps, n_params, warm):
                           f", Liger {'on' if args.use_liger_kernel else 'off'}"
                           f", adapters {'bf16' if S.profile.adapters_bf16 else 'fp32'}"
                           + (f", padded batches run padding-free {unpadded}" if unpadded else "")
+                          + f", LoRA fused in {lora.fused(tr.model)} layers"
                           + "".join(f", {k}={v}" for k, v in parse_sets(ARGS.trl).items())}
 
 
@@ -456,6 +454,19 @@ def pt_seed_recipe(path, S, steps, n_params, warm):
 
 
 # ---------------------------------------------------------------- main
+
+def peft_lora(run):
+    """`run` with PEFT's own LoRA forward (sitlib.lora.FUSED off): the variant that shows what fusing gives."""
+    def go():
+        from sitlib import lora
+
+        lora.FUSED = False
+        try:
+            return run()
+        finally:
+            lora.FUSED = True
+    return go
+
 
 def guarded(run) -> dict:
     """A variant that fails to build is a result (its error), not the end of the run."""
@@ -492,9 +503,10 @@ def main() -> None:
     global ARGS
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="sft,dpo,prompt_tuning")
-    ap.add_argument("--sft-variants", default="sitlib,stock_best,sitlib_plain,seed_recipe")
+    ap.add_argument("--sft-variants", default="sitlib,stock_best,sitlib_plain,seed_recipe",
+                    help="also sitlib_peft_lora: sitlib with PEFT's own LoRA forward instead of sitlib.lora's fused one")
     ap.add_argument("--variants", default="sitlib,seed_recipe", help="DPO and prompt tuning: which to run (a lever "
-                    "measured against an earlier sitlib run can skip the original recipe)")
+                    "measured against an earlier sitlib run can skip the original recipe); DPO also sitlib_peft_lora")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warm", type=int, default=5)
     ap.add_argument("--rows", type=int, default=900)
@@ -537,6 +549,7 @@ def main() -> None:
         runs = {"seed_recipe": lambda: sft_seed_recipe(path, tok, train, steps, n_params, a.warm),
                 "stock_best": lambda: sft_stock_best(path, tok, train, steps, n_params, a.warm),
                 "sitlib": lambda: sft_sitlib(fast, steps, n_params, a.warm, profile=True),
+                "sitlib_peft_lora": peft_lora(lambda: sft_sitlib(fast, steps, n_params, a.warm)),
                 # packed sequences stay packed (SDPA with a block-diagonal mask: the same batches); else padded
                 "sitlib_plain": lambda: sft_sitlib(session(a.profile, "sdpa", bool(fast.config.sft.pack_tokens),
                                                            over, steps), steps, n_params, a.warm)}
@@ -550,7 +563,7 @@ def main() -> None:
         if "sitlib" in res and "sitlib_plain" in res and res["sitlib"].get("losses"):
             pairs = list(zip(res["sitlib"]["losses"], res["sitlib_plain"]["losses"]))
             res["sitlib_loss_max_rel_diff_vs_plain"] = round(max(abs(x - y) / abs(y) for x, y in pairs), 4)
-        for k in ("stock_best", "seed_recipe"):
+        for k in ("stock_best", "seed_recipe", "sitlib_peft_lora"):
             if res.get(k, {}).get("real_tok_per_s") and res.get("sitlib", {}).get("real_tok_per_s"):
                 res[f"sitlib_over_{k}"] = round(res["sitlib"]["real_tok_per_s"] / res[k]["real_tok_per_s"], 2)
         record("sft", res, a.out)
@@ -558,6 +571,11 @@ def main() -> None:
     if "dpo" in sections:
         res = {"sitlib": guarded(lambda: dpo_sitlib(fast, steps, n_params, a.warm))}
         print("dpo sitlib", json.dumps(res["sitlib"]), flush=True)
+        if "sitlib_peft_lora" in a.variants.split(","):
+            res["sitlib_peft_lora"] = guarded(peft_lora(lambda: dpo_sitlib(fast, steps, n_params, a.warm)))
+            if res["sitlib_peft_lora"].get("real_tok_per_s") and res["sitlib"].get("real_tok_per_s"):
+                res["sitlib_over_sitlib_peft_lora"] = round(res["sitlib"]["real_tok_per_s"] /
+                                                            res["sitlib_peft_lora"]["real_tok_per_s"], 2)
         if "seed_recipe" in a.variants.split(","):
             res["seed_recipe"] = guarded(lambda: dpo_seed_recipe(path, fast, steps, n_params, a.warm)) \
                 if have("bitsandbytes") else {"skipped": "bitsandbytes not importable"}

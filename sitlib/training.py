@@ -26,7 +26,7 @@ from .models import liger_available
 
 # resume point of a run: same fingerprint → newest complete checkpoint; other weights (a profile switch) → moved
 # aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
-from . import checkpoints, unpadding
+from . import checkpoints, lora, unpadding
 from .checkpoints import tokens_seen  # noqa: F401
 from .distributed import for_world, is_main_process, main_process_first, print_main, wait_for_everyone, world
 
@@ -381,7 +381,14 @@ def sft_trainer(model, args, train, val, tok, peft_config, callbacks: Optional[l
     trainer = length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, eval_dataset=val,
                                          processing_class=tok, peft_config=peft_config, callbacks=callbacks)
     unpadding.unpad(trainer.model, args.pad_to_multiple_of)   # prompt tuning's padded rows run padding-free
+    fuse_lora(trainer.model, args)
     return trainer
+
+
+def fuse_lora(model, args) -> int:
+    """On a GPU, the LoRA layers add their update inside one GEMM (sitlib.lora); the CPU keeps PEFT's forward.
+    Returns how many layers were fused."""
+    return lora.fuse(model) if lora.FUSED and not args.use_cpu else 0
 
 
 def dpo_policy(session, sft_final: Path):
@@ -402,6 +409,7 @@ def dpo_trainer(policy, args, train, val, tok, callbacks: Optional[list] = None)
     trainer = length_grouped(DPOTrainer)(model=policy, ref_model=None, args=args, train_dataset=train,
                                          eval_dataset=val, processing_class=tok, callbacks=callbacks)
     unpadding.unpad(trainer.model, args.pad_to_multiple_of)   # pairs run padding-free (policy and reference)
+    fuse_lora(trainer.model, args)   # after TRL added the "ref" adapter: both adapters take the fused path
     return trainer
 
 

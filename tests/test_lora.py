@@ -1,0 +1,123 @@
+"""sitlib.lora: the fused LoRA forward equals PEFT's (outputs and gradients), follows adapter switches, and steps
+aside wherever PEFT's own forward is needed."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sitlib import lora, training
+
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_model(path, dtype=torch.float32, **lora_kw):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=MODULES, task_type="CAUSAL_LM") | lora_kw
+    model = get_peft_model(base, LoraConfig(**cfg))
+    model.add_adapter("ref", LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():   # lora_B starts at zero: give every update a value
+        if "lora_" in name:
+            p.data = (torch.randn(p.shape, generator=g) * 0.2).to(p.dtype)
+    return model
+
+
+def _ids(n=2, t=9):
+    return torch.randint(3, 60, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def _logits_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids).logits
+    out.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def test_fused_forward_and_gradients_equal_pefts(tiny_model_dir):
+    model, ids = _peft_model(tiny_model_dir), _ids()
+    want, want_grads = _logits_and_grads(model, ids)
+    assert lora.fuse(model) == 2 * len(MODULES)
+    got, got_grads = _logits_and_grads(model, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and any("lora_B" in n for n in got_grads)
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-4, atol=1e-6)
+    with torch.no_grad(), model.disable_adapter():   # the update is not negligible: a wrong one would show
+        assert (model(input_ids=ids).logits - want).abs().max() > 1e-2
+
+
+def test_the_fused_forward_is_taken_and_reads_the_active_adapter(tiny_model_dir, monkeypatch):
+    from peft.tuners.lora.layer import Linear
+
+    model, ids = _peft_model(tiny_model_dir), _ids()
+    with torch.no_grad():
+        want = {"default": model(input_ids=ids).logits}
+        model.set_adapter("ref")
+        want["ref"] = model(input_ids=ids).logits
+        with model.disable_adapter():
+            want["off"] = model(input_ids=ids).logits
+        model.set_adapter("default")
+    assert not torch.allclose(want["default"], want["ref"])   # the two adapters differ: the switch is visible
+    lora.fuse(model)
+    calls = []
+    monkeypatch.setattr(Linear, "forward", lambda self, *a, **k: calls.append(1) or pytest.fail("PEFT's forward"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want["default"], rtol=1e-5, atol=1e-5)
+        model.set_adapter("ref")
+        torch.testing.assert_close(model(input_ids=ids).logits, want["ref"], rtol=1e-5, atol=1e-5)
+    assert not calls
+
+
+def test_peft_keeps_its_forward_where_the_fused_one_does_not_apply(tiny_model_dir):
+    model, ids = _peft_model(tiny_model_dir), _ids()
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        lora.fuse(model)
+        with model.disable_adapter():   # disabled adapters: the base layer alone, as PEFT computes it
+            torch.testing.assert_close(model(input_ids=ids).logits, off)
+    dora = _peft_model(tiny_model_dir, use_dora=True)
+    with torch.no_grad():
+        want = dora(input_ids=ids).logits
+        lora.fuse(dora)
+        torch.testing.assert_close(dora(input_ids=ids).logits, want)   # DoRA: PEFT's variant forward
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    x = torch.randn(3, layer.in_features)
+    assert lora._adapter(layer, x.double()) is None   # mixed dtypes without autocast: PEFT's arithmetic
+    assert lora._adapter(layer, x) == "default"
+
+
+def test_fuse_is_idempotent_and_unfuse_restores_pefts_forward(tiny_model_dir):
+    model = _peft_model(tiny_model_dir)
+    assert lora.fuse(model) == lora.fuse(model) == 14
+    fused = [m for m in model.modules() if "forward" in vars(m)]
+    assert len(fused) == 14
+    lora.unfuse(model)
+    assert not [m for m in model.modules() if "forward" in vars(m)]
+
+
+def test_training_fuses_lora_on_a_gpu_only(tiny_model_dir, monkeypatch):
+    model = _peft_model(tiny_model_dir)
+    assert training.fuse_lora(model, SimpleNamespace(use_cpu=True)) == 0
+    monkeypatch.setattr(lora, "FUSED", False)
+    assert training.fuse_lora(model, SimpleNamespace(use_cpu=False)) == 0
+    monkeypatch.setattr(lora, "FUSED", True)
+    assert training.fuse_lora(model, SimpleNamespace(use_cpu=False)) == 14
+    assert all("forward" in vars(m) for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fused_bf16_on_a_gpu_stays_within_rounding_of_pefts(tiny_model_dir):
+    model, ids = _peft_model(tiny_model_dir, dtype=torch.bfloat16).cuda(), _ids().cuda()
+    want, want_grads = _logits_and_grads(model, ids)
+    lora.fuse(model)
+    got, got_grads = _logits_and_grads(model, ids)
+    scale = want.float().abs().max()
+    assert (got.float() - want.float()).abs().max() <= 0.02 * scale
+    for n in want_grads:
+        g, w = got_grads[n].float(), want_grads[n].float()
+        assert (g - w).norm() <= 0.05 * w.norm() + 1e-6, n
