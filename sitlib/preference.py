@@ -294,8 +294,11 @@ def write_pairs(session, pairs: list[dict], records: list[dict], sampling: dict)
                "pairs_per_prompt": cfg.pairs_per_prompt,
                "chosen_ended_rate": round(sum(ended[(x["id"], x["chosen"][0]["content"])] for x in pairs)
                                           / len(pairs), 4),
-               # who wrote each side: this run's candidates (source@temperature) or the 02 teacher's answers
+               # who wrote each side: this run's candidates (source@temperature) or the 02 teacher's answers;
+               # and how: greedy or at which temperature (the 02 teacher's answers under their own name)
                **{f"{side}_from": dict(Counter(x[f"{side}_from"].split("@")[0] for x in pairs))
+                  for side in ("chosen", "rejected")},
+               **{f"{side}_decoding": dict(Counter(x[f"{side}_from"].split("@")[-1] for x in pairs))
                   for side in ("chosen", "rejected")}, **sampling}
     write_metrics(p.evaluation_metrics / "preference_metrics.json", metrics, session.config)
     return metrics

@@ -538,6 +538,16 @@ def test_temperature_zero_is_the_greedy_answer(tiny_model_dir, tmp_path, monkeyp
     assert [c["source"] for c in records[0]["candidates"]] == ["sft@greedy", "sft@1.3"]
 
 
+def test_preference_metrics_say_which_decoding_wrote_each_side(tiny_model_dir, tmp_path, monkeypatch):
+    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.temperatures": [0, 1.3]})
+    monkeypatch.setattr(preference, "generate", _finishing_generate)
+    m = preference.run_preference(S)
+    assert set(m["chosen_decoding"]) | set(m["rejected_decoding"]) <= {"greedy", "1.3"}
+    # two candidates per prompt, one greedy: every pair has the greedy answer on exactly one side
+    assert m["chosen_decoding"].get("greedy", 0) + m["rejected_decoding"].get("greedy", 0) == m["pairs"] > 0
+    assert sum(m["rejected_decoding"].values()) == m["pairs"]
+
+
 def test_a_prompts_pairs_stay_on_one_side_of_the_split(tiny_model_dir, tmp_path):
     S = _pref_session(tiny_model_dir, tmp_path, **{"preference.pairs_per_prompt": 2, "preference.val_fraction": 0.3})
     recs = [_checked(i, passing=[0.9, 0.5], failing=[0.0, 0.3]) for i in range(10)]

@@ -121,3 +121,14 @@ def test_fused_bf16_on_a_gpu_stays_within_rounding_of_pefts(tiny_model_dir):
     for n in want_grads:
         g, w = got_grads[n].float(), want_grads[n].float()
         assert (g - w).norm() <= 0.05 * w.norm() + 1e-6, n
+
+
+def test_a_fused_model_generates_what_pefts_forward_generates(tiny_model_dir):
+    from sitlib.generation import Sampling, chat_input_ids, generate
+    from sitlib.models import load_tokenizer
+
+    model, tok = _peft_model(tiny_model_dir).eval(), load_tokenizer(str(tiny_model_dir))
+    inputs = chat_input_ids(tok, [[{"role": "user", "content": p}] for p in ("Name a colour.", "Count to three.")])
+    want = [c.text for c in generate(model, tok, inputs, Sampling.greedy(8))]
+    lora.fuse(model)
+    assert [c.text for c in generate(model, tok, inputs, Sampling.greedy(8))] == want
