@@ -24,13 +24,11 @@ def fuse(model) -> int:
     """Give every LoRA Linear under `model` the fused forward (idempotent); returns how many layers have it."""
     from peft.tuners.lora.layer import Linear
 
-    n = 0
     for module in model.modules():
-        if type(module) is Linear:   # subclasses (quantized layers) keep PEFT's forward
-            if "forward" not in vars(module):
-                module.forward = types.MethodType(_forward, module)
-            n += 1
-    return n
+        # subclasses (quantized layers) keep PEFT's forward, and so does a layer whose forward a hook already wraps
+        if type(module) is Linear and "forward" not in vars(module):
+            module.forward = types.MethodType(_forward, module)
+    return fused(model)
 
 
 def fused(model) -> int:
