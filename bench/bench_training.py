@@ -343,10 +343,8 @@ def sft_sitlib(S, steps, n_params, warm, section: str = "sft", profile: bool = F
     args.eval_strategy, args.save_strategy = "no", "no"
     set_trl(args)
     clock = Clock()
-    extra = []
-    if profile:
-        extra = profiled(args, steps, section)
-    # notebook 05's / 05b's builder: unpadding where rows come padded (prompt tuning), fused LoRA on a GPU
+    extra = profiled(args, steps, section) if profile else []
+    # 05b's builder (batches of like length, padded rows padding-free), LoRA fused on a GPU as 05 fuses it
     tr = training.sft_trainer(model, args, train, None, tok, peft_cfg, callbacks=[clock, *extra])
     unpadded = unpadding.settings(tr.model)
     clock.attach(tr.model)
@@ -392,7 +390,7 @@ def dpo_seed_recipe(path, S, steps, n_params, warm):
                           f"{d.batch_size}x{d.gradient_accumulation}"}
 
 
-def dpo_sitlib(S, steps, n_params, warm):
+def dpo_sitlib(S, steps, n_params, warm, profile: bool = False):
     """Notebook 06's blocks: a fresh LoRA adapter stands in for the SFT one (weights do not change speed)."""
     from peft import LoraConfig, get_peft_model
 
@@ -414,7 +412,7 @@ def dpo_sitlib(S, steps, n_params, warm):
     args.eval_strategy, args.save_strategy = "no", "no"
     set_trl(args)
     clock = Clock()
-    extra = profiled(args, steps, "dpo")
+    extra = profiled(args, steps, "dpo") if profile else []
     tr = training.dpo_trainer(policy, args, train, None, tok, callbacks=[clock, *extra])
     unpadded = unpadding.settings(tr.model)   # what dpo_trainer set (a "sit_varlen" model only)
     clock.attach(tr.model)
@@ -460,11 +458,11 @@ def peft_lora(run):
     def go():
         from sitlib import lora
 
-        lora.FUSED = False
+        before, lora.FUSED = lora.FUSED, False
         try:
             return run()
         finally:
-            lora.FUSED = True
+            lora.FUSED = before
     return go
 
 
@@ -569,7 +567,7 @@ def main() -> None:
         record("sft", res, a.out)
 
     if "dpo" in sections:
-        res = {"sitlib": guarded(lambda: dpo_sitlib(fast, steps, n_params, a.warm))}
+        res = {"sitlib": guarded(lambda: dpo_sitlib(fast, steps, n_params, a.warm, profile=True))}
         print("dpo sitlib", json.dumps(res["sitlib"]), flush=True)
         if "sitlib_peft_lora" in a.variants.split(","):
             res["sitlib_peft_lora"] = guarded(peft_lora(lambda: dpo_sitlib(fast, steps, n_params, a.warm)))

@@ -2,16 +2,16 @@
 
 PEFT's LoRA Linear computes `result + lora_B(lora_A(dropout(x))) * scaling`: lora_B writes a full-size
 [tokens, out_features] product, a `mul` scales it and an `add` adds it to the frozen layer's output, and backward
-runs the same two elementwise passes again. `torch.addmm(result, h, B.T, alpha=scaling)` does the scaling and the
-sum in the GEMM's epilogue, and its backward scales only the rank-r tensors. PEFT has no such path, so `fuse(model)`
-gives each LoRA Linear a forward that takes it where nothing else is asked of the layer, and PEFT's own forward
-everywhere else (adapters disabled or merged, per-row adapter names, DoRA and other variants, a bias on lora_B,
-several active adapters, mixed dtypes). Switching adapters (TRL's frozen "ref" copy for DPO) works as before: the
-fused forward reads the active adapter on every call.
+scales the full-size gradient once more. `torch.addmm(result, h, B.T, alpha=scaling)` does the scaling and the sum
+in the GEMM's epilogue, and its backward scales only rank-r tensors. PEFT has no such path, so `fuse(model)` turns
+each LoRA Linear into a `FusedLinear`, which takes it where nothing else is asked of the layer, and PEFT's own
+forward everywhere else (adapters disabled or merged, per-row adapter names, DoRA and other variants, a bias on
+lora_B, several active adapters, mixed dtypes, hooks on lora_B such as a sharding wrapper's). Switching adapters
+(TRL's frozen "ref" copy for DPO) works as before: the forward reads the active adapter on every call.
 """
 from __future__ import annotations
 
-import types
+import functools
 from typing import Optional
 
 import torch
@@ -21,26 +21,56 @@ FUSED = True
 
 
 def fuse(model) -> int:
-    """Give every LoRA Linear under `model` the fused forward (idempotent); returns how many layers have it."""
+    """Make every LoRA Linear under `model` a FusedLinear (idempotent); returns how many layers are."""
     from peft.tuners.lora.layer import Linear
 
     for module in model.modules():
-        # subclasses (quantized layers) keep PEFT's forward, and so does a layer whose forward a hook already wraps
-        if type(module) is Linear and "forward" not in vars(module):
-            module.forward = types.MethodType(_forward, module)
+        if type(module) is Linear:   # subclasses (quantized layers) keep PEFT's forward
+            module.__class__ = _fused_class()
     return fused(model)
 
 
 def fused(model) -> int:
     """How many layers under `model` have the fused forward."""
-    return sum(getattr(vars(m).get("forward"), "__func__", None) is _forward for m in model.modules())
+    return sum(type(m) is _fused_class() for m in model.modules())
 
 
 def unfuse(model) -> None:
-    """PEFT's own forward again on every layer fuse() changed."""
+    """PEFT's own layer class again wherever fuse() changed it."""
     for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) is _forward:
-            del module.forward
+        if type(module) is _fused_class():
+            module.__class__ = module.__class__.__bases__[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class() -> type:
+    """FusedLinear, built on first use: PEFT is imported only by the code that trains."""
+    from peft.tuners.lora.layer import Linear
+
+    class FusedLinear(Linear):
+        """PEFT's LoRA Linear with the update added inside the second GEMM where that applies (module docstring);
+        a subclass, so the layer still pickles, copies and reports itself as PEFT's."""
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            name = None if args or kwargs else _adapter(self, x)
+            if name is None:
+                return super().forward(x, *args, **kwargs)
+            A, B = self.lora_A[name], self.lora_B[name]
+            result = self.base_layer(x)
+            h = A(self.lora_dropout[name](self._cast_input_dtype(x, A.weight.dtype)))
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.weight.t(),
+                              alpha=self.scaling[name])
+            return out.view(result.shape).to(result.dtype)
+
+    FusedLinear.__module__ = __name__
+    FusedLinear.__qualname__ = "FusedLinear"
+    return FusedLinear
+
+
+def __getattr__(name: str):
+    if name == "FusedLinear":   # pickle finds the class by this name
+        return _fused_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _adapter(layer, x: torch.Tensor) -> Optional[str]:
@@ -54,18 +84,8 @@ def _adapter(layer, x: torch.Tensor) -> Optional[str]:
     A, B = layer.lora_A[name], layer.lora_B[name]
     if name in getattr(layer, "lora_variant", {}) or B.bias is not None:
         return None
+    if B._forward_hooks or B._forward_pre_hooks:   # a wrapper (e.g. FSDP) must see lora_B called
+        return None
     # one dtype for the sum (autocast gives every matmul its dtype), as PEFT's result + update would have
     one_dtype = x.dtype == A.weight.dtype == B.weight.dtype == layer.base_layer.weight.dtype
     return name if one_dtype or torch.is_autocast_enabled(x.device.type) else None
-
-
-def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = None if args or kwargs else _adapter(layer, x)
-    if name is None:
-        return type(layer).forward(layer, x, *args, **kwargs)
-    A, B = layer.lora_A[name], layer.lora_B[name]
-    result = layer.base_layer(x)
-    h = A(layer.lora_dropout[name](layer._cast_input_dtype(x, A.weight.dtype)))
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.weight.t(),
-                      alpha=layer.scaling[name])
-    return out.view(result.shape).to(result.dtype)

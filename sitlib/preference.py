@@ -75,30 +75,31 @@ def load_candidate_model(session):
                       f"got {source!r}")
 
 
-def sampling(temperature: float, cfg: PreferenceConfig) -> Sampling:
-    """One candidate's decoding: temperature 0 is greedy (the answer 07 scores), else temperature + top-p."""
-    if temperature == 0:
-        return Sampling.greedy(cfg.max_new_tokens)
-    return Sampling(cfg.max_new_tokens, temperature, cfg.top_p)
-
-
 def source_label(source: str, temperature: float) -> str:
     """"sft@0.8", or "sft@greedy" for temperature 0."""
     return f"{source}@{'greedy' if temperature == 0 else temperature}"
 
 
 def sample_candidates(model, tok, items: list[dict], cfg: PreferenceConfig, seed: int) -> list[list]:
-    """Completions per item, one per temperature: every prompt × temperature in one `generate` call (one
-    Sampling per row), at most preference.batch_size rows in flight."""
+    """Completions per item, one per temperature: the sampled ones in one `generate` call (one Sampling per row),
+    at most preference.batch_size rows in flight. A temperature of 0 is the greedy answer, decoded as 07 decodes
+    (no repetition penalty; up to preference.max_new_tokens), in a second call."""
     import torch
 
     inputs = chat_input_ids(tok, [[{"role": "user", "content": it["prompt"]}] for it in items])
     temps = list(cfg.temperatures)
+    hot = [t for t in temps if t != 0]
     torch.manual_seed(seed)
-    flat = generate(model, tok, [x for x in inputs for _ in temps],
-                    [sampling(t, cfg) for _ in inputs for t in temps], cfg.batch_size,
-                    penalty_processors(cfg.repetition_penalty))
-    return [flat[i * len(temps):(i + 1) * len(temps)] for i in range(len(items))]
+    flat = generate(model, tok, [x for x in inputs for _ in hot],
+                    [Sampling(cfg.max_new_tokens, t, cfg.top_p) for _ in inputs for t in hot], cfg.batch_size,
+                    penalty_processors(cfg.repetition_penalty)) if hot else []
+    greedy = generate(model, tok, inputs, Sampling.greedy(cfg.max_new_tokens), cfg.batch_size) \
+        if len(hot) < len(temps) else []
+    out = []
+    for i in range(len(items)):
+        sampled = iter(flat[i * len(hot):(i + 1) * len(hot)])
+        out.append([greedy[i] if t == 0 else next(sampled) for t in temps])
+    return out
 
 
 def candidate_records(items: list[dict], completions: list[list], cfg: PreferenceConfig, source: str,
@@ -201,9 +202,9 @@ def read_candidates(session) -> list[dict]:
 def picks(record: dict, k: int = 1) -> list[tuple[dict, dict, str]]:
     """Up to k (chosen, rejected, rule) for one prompt, best first; none when it has no usable pair. Never a
     cut-off chosen. A checked prompt pairs its passing answers, best first, with its failing ones, worst first (each
-    answer once), except that a failing greedy answer (temperature 0) is rejected first: it is the answer 07
-    scores, so that pair moves what evaluation sees. A scored prompt gives its best finished answer against its
-    worst."""
+    answer once), except that a failing greedy answer (temperature 0) is rejected first: with the SFT model writing
+    the candidates it is the answer 07 scores, so that pair moves what evaluation sees. A scored prompt gives its
+    best finished answer against its worst."""
     cands = [c for c in record["candidates"] if c["text"].strip()]
     if record.get("constraints"):
         good = sorted((c for c in cands if c["pass"] and c["ended"]), key=lambda c: -c["score"])

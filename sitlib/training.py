@@ -374,8 +374,9 @@ def match_adapter_dtype(trainer, profile) -> None:
 
 
 def sft_trainer(model, args, train, val, tok, peft_config, callbacks: Optional[list] = None):
-    """The SFTTrainer exactly as notebooks 05 / 05b build it: one PEFT wrap, done by the trainer from
-    `peft_config` (no get_peft_model beforehand)."""
+    """The SFTTrainer as notebook 05b builds it (batches of like length; padded rows run padding-free) and, on a
+    GPU, with LoRA fused as 05 and 06 fuse it: one PEFT wrap, done by the trainer from `peft_config` (no
+    get_peft_model beforehand). 05's own cell builds a plain SFTTrainer: its rows are packed or padding-free."""
     from trl import SFTTrainer
 
     trainer = length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train, eval_dataset=val,

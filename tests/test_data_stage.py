@@ -518,19 +518,25 @@ def test_a_failing_greedy_answer_is_rejected_first():
     assert pairs[0]["rejected_from"] == "sft@greedy"
 
 
-def test_temperature_zero_is_the_greedy_answer(tiny_model_dir, tmp_path, monkeypatch):
+def test_temperature_zero_is_the_greedy_answer_without_the_penalty(tiny_model_dir, tmp_path, monkeypatch):
     from sitlib import scoring
     from sitlib.generation import chat_input_ids
 
-    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.temperatures": [0, 1.3]})
-    seen = []
+    S = _pref_session(tiny_model_dir, tmp_path, **{"preference.temperatures": [0, 1.3],
+                                                   "preference.repetition_penalty": 1.3})
+    calls = []
     real = preference.generate
-    monkeypatch.setattr(preference, "generate", lambda m, t, inputs, sampling, *a, **k: seen.extend(sampling) or
-                        real(m, t, inputs, sampling, *a, **k))
+
+    def spy(m, t, inputs, sampling, batch_size=None, processors=None, *a, **k):
+        many = sampling if isinstance(sampling, list) else [sampling] * len(inputs)
+        calls.append(([s.do_sample for s in many], bool(processors)))
+        return real(m, t, inputs, sampling, batch_size, processors, *a, **k)
+    monkeypatch.setattr(preference, "generate", spy)
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir), S.profile)
     items = [{"id": 0, "prompt": "Name a colour."}, {"id": 1, "prompt": "Count to three."}]
     comps = preference.sample_candidates(model, tok, items, S.config.preference, seed=1)
-    assert [s.do_sample for s in seen] == [False, True, False, True]
+    # the sampled rows with 04's penalty, then the greedy rows as 07 decodes them: no penalty
+    assert calls == [([True, True], True), ([False, False], False)]
     want = generate(model, tok, chat_input_ids(tok, [[{"role": "user", "content": it["prompt"]}] for it in items]),
                     Sampling.greedy(S.config.preference.max_new_tokens))
     assert [c[0].text for c in comps] == [w.text for w in want]
