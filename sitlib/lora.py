@@ -11,13 +11,15 @@ lora_B, several active adapters, mixed dtypes, hooks on lora_B such as a shardin
 """
 from __future__ import annotations
 
-import functools
+import threading
 from typing import Optional
 
 import torch
 
 # the training builders fuse only where this is on (the benchmarks turn it off to measure PEFT's own forward)
 FUSED = True
+_FUSED_CLASS = None
+_CLASS_LOCK = threading.Lock()
 
 
 def fuse(model) -> int:
@@ -42,9 +44,17 @@ def unfuse(model) -> None:
             module.__class__ = module.__class__.__bases__[0]
 
 
-@functools.lru_cache(maxsize=None)
 def _fused_class() -> type:
-    """FusedLinear, built on first use: PEFT is imported only by the code that trains."""
+    """FusedLinear, built once on first use (PEFT is imported only by the code that trains); one class for every
+    caller, so the layers pickle under one name."""
+    global _FUSED_CLASS
+    with _CLASS_LOCK:
+        if _FUSED_CLASS is None:
+            _FUSED_CLASS = _build_fused_class()
+    return _FUSED_CLASS
+
+
+def _build_fused_class() -> type:
     from peft.tuners.lora.layer import Linear
 
     class FusedLinear(Linear):
@@ -84,8 +94,8 @@ def _adapter(layer, x: torch.Tensor) -> Optional[str]:
     A, B = layer.lora_A[name], layer.lora_B[name]
     if name in getattr(layer, "lora_variant", {}) or B.bias is not None:
         return None
-    if B._forward_hooks or B._forward_pre_hooks:   # a wrapper (e.g. FSDP) must see lora_B called
-        return None
+    if B._forward_hooks or B._forward_pre_hooks or B._backward_hooks or B._backward_pre_hooks:
+        return None   # a wrapper (e.g. FSDP) or a hook must see lora_B called
     # one dtype for the sum (autocast gives every matmul its dtype), as PEFT's result + update would have
     one_dtype = x.dtype == A.weight.dtype == B.weight.dtype == layer.base_layer.weight.dtype
     return name if one_dtype or torch.is_autocast_enabled(x.device.type) else None

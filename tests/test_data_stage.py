@@ -527,10 +527,10 @@ def test_temperature_zero_is_the_greedy_answer_without_the_penalty(tiny_model_di
     calls = []
     real = preference.generate
 
-    def spy(m, t, inputs, sampling, batch_size=None, processors=None, *a, **k):
+    def spy(m, t, inputs, sampling, batch_size=None, logits_processors=None, **k):
         many = sampling if isinstance(sampling, list) else [sampling] * len(inputs)
-        calls.append(([s.do_sample for s in many], bool(processors)))
-        return real(m, t, inputs, sampling, batch_size, processors, *a, **k)
+        calls.append(([s.do_sample for s in many], bool(logits_processors)))
+        return real(m, t, inputs, sampling, batch_size, logits_processors, **k)
     monkeypatch.setattr(preference, "generate", spy)
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir), S.profile)
     items = [{"id": 0, "prompt": "Name a colour."}, {"id": 1, "prompt": "Count to three."}]

@@ -11,13 +11,15 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _peft_model(path, dtype=torch.float32, **lora_kw):
+    """Two adapters ("default" active, "ref") with random updates; in `dtype` throughout, as the bf16 profiles
+    keep their adapters (PEFT would upcast them to float32, and the fused path needs one dtype)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=MODULES, task_type="CAUSAL_LM") | lora_kw
-    model = get_peft_model(base, LoraConfig(**cfg))
-    model.add_adapter("ref", LoraConfig(**cfg))
+    model = get_peft_model(base, LoraConfig(**cfg), autocast_adapter_dtype=False)
+    model.add_adapter("ref", LoraConfig(**cfg), autocast_adapter_dtype=False)
     g = torch.Generator().manual_seed(0)
     for name, p in model.named_parameters():   # lora_B starts at zero: give every update a value
         if "lora_" in name:
@@ -165,9 +167,11 @@ def test_a_fused_model_pickles_and_copies(tiny_model_dir):
             torch.testing.assert_close(other(input_ids=ids).logits, want)
         layer = next(m for m in model.modules() if type(m).__name__ == "FusedLinear")
         shallow = copy.copy(layer)
-        shallow._disable_adapters = True   # its own state, not the original layer's
         x = torch.randn(2, layer.in_features)
+        before = layer(x)
+        shallow._disable_adapters = True   # its own state, not the original layer's
         torch.testing.assert_close(shallow(x), layer.base_layer(x))
+        assert not layer.disable_adapters and torch.equal(layer(x), before)
 
 
 def test_hooks_on_lora_b_get_pefts_forward(tiny_model_dir):
@@ -187,6 +191,8 @@ def test_fused_bf16_on_a_gpu_stays_within_rounding_of_pefts(tiny_model_dir):
     model, ids = _peft_model(tiny_model_dir, dtype=torch.bfloat16).cuda(), _ids().cuda()
     want, want_grads = _logits_and_grads(model, ids)
     lora.fuse(model)
+    layer = next(m for m in model.modules() if type(m).__name__ == "FusedLinear")
+    assert lora._adapter(layer, torch.randn(2, layer.in_features, dtype=torch.bfloat16, device="cuda")) == "default"
     got, got_grads = _logits_and_grads(model, ids)
     scale = want.float().abs().max()
     assert (got.float() - want.float()).abs().max() <= 0.02 * scale
@@ -215,5 +221,7 @@ def test_a_fused_bf16_model_generates_on_a_gpu_as_pefts(tiny_model_dir):
     inputs = chat_input_ids(tok, [[{"role": "user", "content": f"Say {i}."}] for i in range(6)])
     want = [c.text for c in generate(model, tok, inputs, Sampling.greedy(12))]
     lora.fuse(model)   # the pool's static steps and CUDA graphs now run the fused layers
+    layer = next(m for m in model.modules() if type(m).__name__ == "FusedLinear")
+    assert lora._adapter(layer, torch.randn(2, layer.in_features, dtype=torch.bfloat16, device="cuda")) == "default"
     got = [c.text for c in generate(model, tok, inputs, Sampling.greedy(12))]
     assert sum(g == w for g, w in zip(got, want)) >= len(want) - 1   # bf16: a near tie may flip one greedy row
