@@ -515,7 +515,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", help="extra sitlib config KEY=VALUE for the sitlib variants")
     ap.add_argument("--trl", action="append", help="extra SFTConfig KEY=VALUE for the sitlib variants "
                     "(e.g. use_liger_kernel=true)")
-    ap.add_argument("--torch-profile", type=int, default=0, help="N: profile N steps of each sitlib variant "
+    ap.add_argument("--torch-profile", type=int, default=0, help="N: profile N steps of each section's sitlib variant "
                     "after its timed ones (profile_<section>_<shape>_<device>.txt in --out)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ARGS = a = ap.parse_args()
