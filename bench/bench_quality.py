@@ -3,6 +3,7 @@ student, the offline scorer) at a GPU profile's counts, then the run's own accur
 
     python bench/bench_quality.py [--profile h100] [--stages 01,...] [--output-dir DIR] [-p KEY=VALUE ...] [--out DIR]
     python bench/bench_quality.py --from-output-dir DIR     # only read a finished run's output tree
+    ... --keep DIR     # also copy the run's files the record came from into DIR (a folder to commit)
 
 Writes <out>/quality_<device>.json: {"device", "model", "profile", "counts": {...}, "models": {variant:
 {"prompt_level_accuracy", "instruction_level_accuracy", "n_prompts"}}, "versus_base", "dpo_versus_sft",
@@ -100,6 +101,28 @@ def quality(output_dir: str | Path, stage_seconds: dict | None = None, recipe: l
     }
 
 
+def keep_files(output_dir: str | Path, dest: str | Path, record: dict) -> list[Path]:
+    """Copy into `dest` what the record came from, flat as bench/results/quality_run_* hold it: 01-07's metrics
+    and their configs, 03's filter stats, 04's pairs (dpo_train/dpo_val), 07's results and answers per variant,
+    the stage seconds, the record itself and its answer habits (bench/answer_habits.py)."""
+    import shutil
+
+    from answer_habits import habits
+
+    tree, dest = OutputTree(Path(output_dir)), Path(dest)
+    files = [*sorted(tree.evaluation_metrics.glob("*.json")), tree.data_filtered / "filter_stats.json",
+             tree.data_preference / "dpo_train.jsonl", tree.data_preference / "dpo_val.jsonl",
+             tree.evaluation_results / "benchmark_results.json", Path(output_dir) / "bench_stage_seconds.json"]
+    (dest / "benchmark").mkdir(parents=True, exist_ok=True)
+    kept = [Path(shutil.copy2(f, dest / f.name)) for f in files if f.exists()]
+    answers = sorted((tree.evaluation_results / "benchmark").glob("*.json"))
+    kept += [Path(shutil.copy2(f, dest / "benchmark" / f.name)) for f in answers]
+    name = "".join(c if c.isalnum() else "_" for c in record["device"]).strip("_")
+    kept.append(write_json(dest / f"quality_{name}.json", record))
+    kept.append(write_json(dest / "answer_habits.json", {f.stem: habits(f) for f in answers}))
+    return kept
+
+
 def paired(tree: OutputTree) -> dict:
     """07's comparisons on the same items (won/lost, sign test), from its per-variant files: every variant against
     the base ("versus_base") and DPO against SFT ("dpo_versus_sft")."""
@@ -135,6 +158,8 @@ def main() -> None:
     ap.add_argument("--output-dir", default=None, help="output tree of the run (default: a new temporary folder)")
     ap.add_argument("--from-output-dir", default=None, help="read this finished run's tree; run nothing")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--keep", default=None, help="copy the run's files the record came from into this folder "
+                    "(under $OUT too on the GPU machine, where it is relative)")
     a = ap.parse_args()
     root, seconds = a.from_output_dir, None
     if not root:
@@ -157,6 +182,10 @@ def main() -> None:
     path = write_json(Path(a.out) / f"quality_{name}.json", body)
     if os.environ.get("OUT"):   # the GPU machine's copy-back folder
         write_json(Path(os.environ["OUT"]) / path.name, body)
+    if a.keep:
+        keep = Path(os.environ["OUT"]) / a.keep if os.environ.get("OUT") and not Path(a.keep).is_absolute() \
+            else Path(a.keep)
+        print(f"kept {len(keep_files(root, keep, body))} files in {keep}", flush=True)
     print(f"{path}\n{json.dumps(body, indent=2)}", flush=True)
 
 

@@ -85,3 +85,20 @@ def test_a_series_in_parts_keeps_every_stage_seconds(tmp_path):
     bench_quality = load_bench_quality()
     assert bench_quality.merged_seconds(tmp_path, {"01": 39.0, "02": 75.1}) == {"01": 39.0, "02": 75.1}
     assert bench_quality.merged_seconds(tmp_path, {"02": 70.0, "05": 48.1}) == {"01": 39.0, "02": 70.0, "05": 48.1}
+
+
+def test_keep_copies_the_files_the_record_came_from(run_tree, tmp_path):
+    from sitlib.artifacts import read_json, write_jsonl
+
+    bench_quality = load_bench_quality()
+    tree = output_tree(run_tree)
+    write_jsonl(tree.data_preference / "dpo_train.jsonl", [{"id": 1}])
+    record = bench_quality.quality(run_tree)
+    kept = bench_quality.keep_files(run_tree, tmp_path / "kept", record)
+    names = {p.relative_to(tmp_path / "kept").as_posix() for p in kept}
+    assert {"setup.json", "setup.config.json", "generation_metrics.json", "dpo_metrics.json", "filter_stats.json",
+            "dpo_train.jsonl", "benchmark_results.json", "benchmark/base.json", "benchmark/dpo.json",
+            "quality_NVIDIA_H200.json", "answer_habits.json"} <= names
+    assert "dpo_val.jsonl" not in names   # a file the run did not write is not invented
+    assert read_json(tmp_path / "kept" / "quality_NVIDIA_H200.json") == record
+    assert read_json(tmp_path / "kept" / "answer_habits.json")["sft"] == {"items": 3, "opens_with_quote": 0}
