@@ -1,10 +1,13 @@
 """Habits a tuned model picked up, read from 07's per-variant answers: how many answers open with a double quote
-where the item does not ask for quotes (repair's quote edit can teach the wrapper rather than the condition).
+where the item does not ask for quotes (repair's quote edit can teach the wrapper rather than the condition), and,
+for DPO, on how many items its answer and its pass/fail outcome differ from its SFT model's (DPO can move answers
+without moving the score).
 
     python bench/answer_habits.py BENCHMARK_DIR [--out FILE]
 
 BENCHMARK_DIR is a run's `evaluation/results/benchmark/` (or a copy under bench/results/); prints, and with --out
-writes, {variant: {"items", "opens_with_quote"}}.
+writes, {variant: {"items", "opens_with_quote"}}, DPO's with "against_sft": {"items", "answer_differs",
+"outcome_differs"} where both files are there.
 """
 from __future__ import annotations
 
@@ -26,15 +29,32 @@ def habits(path: Path) -> dict:
     return {"items": len(free), "opens_with_quote": sum(r["output"].lstrip().startswith('"') for r in free)}
 
 
+def against(path: Path, reference: Path) -> dict:
+    """Items both answered, and on how many the answer text and the pass/fail outcome differ."""
+    rows = {r["prompt_id"]: r for r in read_json(path, "07_benchmark_evaluation")["rows"]}
+    ref = {r["prompt_id"]: r for r in read_json(reference, "07_benchmark_evaluation")["rows"]}
+    both = [k for k in rows if k in ref]
+    return {"items": len(both), "answer_differs": sum(rows[k]["output"] != ref[k]["output"] for k in both),
+            "outcome_differs": sum(rows[k]["passed"] != ref[k]["passed"] for k in both)}
+
+
+def summary(benchmark_dir: Path) -> dict:
+    """Every variant's habits in `benchmark_dir`, DPO's with its difference from SFT."""
+    files = {f.stem: f for f in sorted(Path(benchmark_dir).glob("*.json"))}
+    body = {v: habits(f) for v, f in files.items()}
+    if "dpo" in files and "sft" in files:
+        body["dpo"]["against_sft"] = against(files["dpo"], files["sft"])
+    return body
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("benchmark_dir")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    files = sorted(Path(a.benchmark_dir).glob("*.json"))
-    if not files:
+    if not sorted(Path(a.benchmark_dir).glob("*.json")):
         sys.exit(f"answer_habits: no <variant>.json in {a.benchmark_dir} (run 07_benchmark_evaluation first)")
-    body = {f.stem: habits(f) for f in files}
+    body = summary(Path(a.benchmark_dir))
     print(json.dumps(body, indent=2))
     if a.out:
         write_json(Path(a.out), body)

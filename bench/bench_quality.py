@@ -107,7 +107,7 @@ def keep_files(output_dir: str | Path, dest: str | Path, record: dict) -> list[P
     the stage seconds, the record itself and its answer habits (bench/answer_habits.py)."""
     import shutil
 
-    from answer_habits import habits
+    from answer_habits import summary
 
     tree, dest = OutputTree(Path(output_dir)), Path(dest)
     files = [*sorted(tree.evaluation_metrics.glob("*.json")), tree.data_filtered / "filter_stats.json",
@@ -119,7 +119,7 @@ def keep_files(output_dir: str | Path, dest: str | Path, record: dict) -> list[P
     kept += [Path(shutil.copy2(f, dest / "benchmark" / f.name)) for f in answers]
     name = "".join(c if c.isalnum() else "_" for c in record["device"]).strip("_")
     kept.append(write_json(dest / f"quality_{name}.json", record))
-    kept.append(write_json(dest / "answer_habits.json", {f.stem: habits(f) for f in answers}))
+    kept.append(write_json(dest / "answer_habits.json", summary(tree.evaluation_results / "benchmark")))
     return kept
 
 

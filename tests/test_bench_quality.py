@@ -101,4 +101,6 @@ def test_keep_copies_the_files_the_record_came_from(run_tree, tmp_path):
             "quality_NVIDIA_H200.json", "answer_habits.json"} <= names
     assert "dpo_val.jsonl" not in names   # a file the run did not write is not invented
     assert read_json(tmp_path / "kept" / "quality_NVIDIA_H200.json") == record
-    assert read_json(tmp_path / "kept" / "answer_habits.json")["sft"] == {"items": 3, "opens_with_quote": 0}
+    habits = read_json(tmp_path / "kept" / "answer_habits.json")
+    assert habits["sft"] == {"items": 3, "opens_with_quote": 0}
+    assert habits["dpo"]["against_sft"] == {"items": 3, "answer_differs": 0, "outcome_differs": 0}

@@ -51,3 +51,16 @@ def test_answer_habits_count_quote_openings_only_where_no_quotes_were_asked(tmp_
     path = tmp_path / "sft.json"
     path.write_text(json.dumps({"rows": rows}))
     assert habits.habits(path) == {"items": 2, "opens_with_quote": 1}
+
+
+def test_answer_habits_say_where_dpo_differs_from_sft_in_answer_and_in_outcome(tmp_path):
+    habits = load("answer_habits")
+    sft = [{"prompt_id": "a", "output": "x", "passed": True, "checks": []},
+           {"prompt_id": "b", "output": "y", "passed": False, "checks": []},
+           {"prompt_id": "c", "output": "z", "passed": False, "checks": []}]
+    dpo = [dict(sft[0], output="x2"), dict(sft[1], output="y2", passed=True), sft[2]]
+    for name, rows in (("sft", sft), ("dpo", dpo)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows}))
+    body = habits.summary(tmp_path)
+    assert body["dpo"]["against_sft"] == {"items": 3, "answer_differs": 2, "outcome_differs": 1}
+    assert "against_sft" not in body["sft"]
