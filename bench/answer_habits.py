@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("benchmark_dir")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    if not sorted(Path(a.benchmark_dir).glob("*.json")):
+    if not any(Path(a.benchmark_dir).glob("*.json")):
         sys.exit(f"answer_habits: no <variant>.json in {a.benchmark_dir} (run 07_benchmark_evaluation first)")
     body = summary(Path(a.benchmark_dir))
     print(json.dumps(body, indent=2))

@@ -101,10 +101,10 @@ def quality(output_dir: str | Path, stage_seconds: dict | None = None, recipe: l
     }
 
 
-def keep_files(output_dir: str | Path, dest: str | Path, record: dict) -> list[Path]:
-    """Copy into `dest` what the record came from, flat as bench/results/quality_run_* hold it: 01-07's metrics
-    and their configs, 03's filter stats, 04's pairs (dpo_train/dpo_val), 07's results and answers per variant,
-    the stage seconds, the record itself and its answer habits (bench/answer_habits.py)."""
+def keep_files(output_dir: str | Path, dest: str | Path, record_path: Path) -> list[Path]:
+    """Copy into `dest` what the record (written at `record_path`) came from, flat as bench/results/quality_run_*
+    hold it: 01-07's metrics and their configs, 03's filter stats, 04's pairs (dpo_train/dpo_val), 07's results and
+    answers per variant, the stage seconds, the record itself and its answer habits (bench/answer_habits.py)."""
     import shutil
 
     from answer_habits import summary
@@ -112,13 +112,12 @@ def keep_files(output_dir: str | Path, dest: str | Path, record: dict) -> list[P
     tree, dest = OutputTree(Path(output_dir)), Path(dest)
     files = [*sorted(tree.evaluation_metrics.glob("*.json")), tree.data_filtered / "filter_stats.json",
              tree.data_preference / "dpo_train.jsonl", tree.data_preference / "dpo_val.jsonl",
-             tree.evaluation_results / "benchmark_results.json", Path(output_dir) / "bench_stage_seconds.json"]
+             tree.evaluation_results / "benchmark_results.json", Path(output_dir) / "bench_stage_seconds.json",
+             Path(record_path)]
     (dest / "benchmark").mkdir(parents=True, exist_ok=True)
     kept = [Path(shutil.copy2(f, dest / f.name)) for f in files if f.exists()]
     answers = sorted((tree.evaluation_results / "benchmark").glob("*.json"))
     kept += [Path(shutil.copy2(f, dest / "benchmark" / f.name)) for f in answers]
-    name = "".join(c if c.isalnum() else "_" for c in record["device"]).strip("_")
-    kept.append(write_json(dest / f"quality_{name}.json", record))
     kept.append(write_json(dest / "answer_habits.json", summary(tree.evaluation_results / "benchmark")))
     return kept
 
@@ -185,7 +184,7 @@ def main() -> None:
     if a.keep:
         keep = Path(os.environ["OUT"]) / a.keep if os.environ.get("OUT") and not Path(a.keep).is_absolute() \
             else Path(a.keep)
-        print(f"kept {len(keep_files(root, keep, body))} files in {keep}", flush=True)
+        print(f"kept {len(keep_files(root, keep, path))} files in {keep}", flush=True)
     print(f"{path}\n{json.dumps(body, indent=2)}", flush=True)
 
 

@@ -94,7 +94,8 @@ def test_keep_copies_the_files_the_record_came_from(run_tree, tmp_path):
     tree = output_tree(run_tree)
     write_jsonl(tree.data_preference / "dpo_train.jsonl", [{"id": 1}])
     record = bench_quality.quality(run_tree)
-    kept = bench_quality.keep_files(run_tree, tmp_path / "kept", record)
+    written = write_json(tmp_path / "quality_NVIDIA_H200.json", record)
+    kept = bench_quality.keep_files(run_tree, tmp_path / "kept", written)
     names = {p.relative_to(tmp_path / "kept").as_posix() for p in kept}
     assert {"setup.json", "setup.config.json", "generation_metrics.json", "dpo_metrics.json", "filter_stats.json",
             "dpo_train.jsonl", "benchmark_results.json", "benchmark/base.json", "benchmark/dpo.json",
