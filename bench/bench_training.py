@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 import common  # noqa: E402
+import trace_gaps  # noqa: E402
 from common import mfu, param_count, record, save_random_model, sync  # noqa: E402
 from conftest import build_tiny_tokenizer  # noqa: E402  (a byte-level BPE tokenizer with a ChatML template)
 
@@ -101,19 +102,30 @@ def triton_cache_entries() -> int:
 
 
 class Clock:
-    """A TrainerCallback (built lazily: transformers is imported late) that stamps the end of every step."""
+    """A TrainerCallback (built lazily: transformers is imported late) that stamps the end of every step. On a GPU
+    the stamp is a CUDA event recorded in the stream, not a synchronize: a wait at every step would leave the GPU
+    idle while the host prepares the next one, which a run outside the benchmark does not do. The times are read
+    once, after the run."""
 
     def __new__(cls):
         from transformers import TrainerCallback
 
         class _Clock(TrainerCallback):
             def __init__(self):
-                self.t = []
+                self.marks = []
                 # per step, what could stall it: Python's garbage collector (seconds it ran) and the CUDA
                 # allocator (cudaMalloc calls, and retries after freeing its cache because no block fit)
                 self.events, self.gc_s, self._gc_t0 = [], 0.0, None
                 self.shapes: list = []   # input shapes of the forwards in this step (attach)
                 gc.callbacks.append(self._gc)
+
+            @property
+            def t(self) -> list[float]:
+                """Seconds at the end of each step (from the first stamp on a GPU)."""
+                if not self.marks or isinstance(self.marks[0], float):
+                    return list(self.marks)
+                sync()
+                return [self.marks[0].elapsed_time(m) / 1e3 for m in self.marks]
 
             def attach(self, model) -> None:
                 """Note the input shape of every forward of `model` (a new shape can mean new kernels)."""
@@ -137,8 +149,11 @@ class Clock:
                 self.shapes = []
 
             def on_step_end(self, args, state, control, **kw):
-                sync()
-                self.t.append(time.perf_counter())
+                if torch.cuda.is_available():
+                    self.marks.append(torch.cuda.Event(enable_timing=True))
+                    self.marks[-1].record()
+                else:
+                    self.marks.append(time.perf_counter())
                 gc0, a0, k0 = self._start
                 a1 = self._alloc()
                 self.events.append({"gc_s": round(self.gc_s - gc0, 3), **{k: a1[k] - a0[k] for k in a1},
@@ -154,9 +169,10 @@ class Clock:
 
 class StepProfile:
     """A TrainerCallback that runs torch.profiler over `n` optimizer steps after `warm` and writes its top ops
-    (by self CPU and by device time) to `path`: where a step's time goes when it is far above its FLOPs."""
+    (by self CPU and by device time) to `path`: where a step's time goes when it is far above its FLOPs. With
+    `gaps` it also records Python stacks and adds where the device sat idle waiting for the host (trace_gaps)."""
 
-    def __new__(cls, warm: int, n: int, path: Path):
+    def __new__(cls, warm: int, n: int, path: Path, gaps: bool = False):
         from transformers import TrainerCallback
 
         class _StepProfile(TrainerCallback):
@@ -166,7 +182,7 @@ class StepProfile:
                 if state.global_step == warm and self.prof is None:
                     acts = [torch.profiler.ProfilerActivity.CPU] + \
                         ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof = torch.profiler.profile(activities=acts, with_stack=gaps)
                     self.prof.__enter__()
                     self.t = time.perf_counter()
 
@@ -178,9 +194,16 @@ class StepProfile:
                     ka = self.prof.key_averages()
                     path.parent.mkdir(parents=True, exist_ok=True)
                     dev = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-                    path.write_text(f"{n} optimizer steps after {warm}: {wall:.3f} s wall\n\n"
-                                    f"by self CPU time:\n{ka.table(sort_by='self_cpu_time_total', row_limit=30)}\n"
-                                    f"by {dev}:\n{ka.table(sort_by=dev, row_limit=30)}\n")
+                    text = (f"{n} optimizer steps after {warm}: {wall:.3f} s wall"
+                            f"{' (Python stacks recorded: host ops slower)' if gaps else ''}\n\n"
+                            f"by self CPU time:\n{ka.table(sort_by='self_cpu_time_total', row_limit=30)}\n"
+                            f"by {dev}:\n{ka.table(sort_by=dev, row_limit=30)}\n")
+                    if gaps:
+                        with tempfile.TemporaryDirectory() as tmp:
+                            trace = Path(tmp) / "trace.json"
+                            self.prof.export_chrome_trace(str(trace))
+                            text += f"\nwhere the device waited for the host:\n{trace_gaps.summary(trace)}"
+                    path.write_text(text)
                     print(f"profile of {n} steps written to {path}", flush=True)
                     self.prof = None
 
@@ -194,7 +217,7 @@ def profiled(args, steps: int, section: str) -> list:
         return []
     args.max_steps = steps + ARGS.torch_profile
     return [StepProfile(steps, ARGS.torch_profile, Path(ARGS.out) / f"profile_{section}_{ARGS.shape}_"
-                        f"{common.device_name().replace(' ', '_')}.txt")]
+                        f"{common.device_name().replace(' ', '_')}.txt", gaps=ARGS.gaps)]
 
 
 def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tokens",
@@ -466,6 +489,33 @@ def peft_lora(run):
     return go
 
 
+def stalled(run):
+    """`run` with the Trainer's bookkeeping stalls left in (sitlib.stalls.UNSTALLED off): what removing them gives."""
+    def go():
+        from sitlib import stalls
+
+        before, stalls.UNSTALLED = stalls.UNSTALLED, False
+        try:
+            return run()
+        finally:
+            stalls.UNSTALLED = before
+    return go
+
+
+def repeat_kv(run):
+    """`run` with K/V heads repeated before the varlen kernel (sitlib.attention.REPEAT_KV on), as before torch's
+    kernel got them as they are."""
+    def go():
+        from sitlib import attention
+
+        before, attention.REPEAT_KV = attention.REPEAT_KV, True
+        try:
+            return run()
+        finally:
+            attention.REPEAT_KV = before
+    return go
+
+
 def guarded(run) -> dict:
     """A variant that fails to build is a result (its error), not the end of the run."""
     try:
@@ -488,6 +538,12 @@ def set_trl(args) -> None:
         setattr(args, key, value)
 
 
+def ratio_over(res: dict, name: str) -> None:
+    """res["sitlib_over_<name>"]: sitlib's real tok/s over variant `name`'s, where both ran."""
+    if res.get(name, {}).get("real_tok_per_s") and res.get("sitlib", {}).get("real_tok_per_s"):
+        res[f"sitlib_over_{name}"] = round(res["sitlib"]["real_tok_per_s"] / res[name]["real_tok_per_s"], 2)
+
+
 def parse_sets(items) -> dict:
     out = {}
     for item in items or []:
@@ -502,9 +558,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="sft,dpo,prompt_tuning")
     ap.add_argument("--sft-variants", default="sitlib,stock_best,sitlib_plain,seed_recipe",
-                    help="also sitlib_peft_lora: sitlib with PEFT's own LoRA forward instead of sitlib.lora's fused one")
+                    help="also sitlib_peft_lora: sitlib with PEFT's own LoRA forward instead of sitlib.lora's fused "
+                    "one; sitlib_stalled: with the Trainer's bookkeeping stalls left in (sitlib.stalls)")
     ap.add_argument("--variants", default="sitlib,seed_recipe", help="DPO and prompt tuning: which to run (a lever "
-                    "measured against an earlier sitlib run can skip the original recipe); DPO also sitlib_peft_lora")
+                    "measured against an earlier sitlib run can skip the original recipe); also sitlib_stalled "
+                    "(the Trainer's bookkeeping stalls left in, sitlib.stalls), sitlib_repeat_kv (K/V heads repeated "
+                    "before the varlen kernel) and, for DPO, sitlib_peft_lora")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warm", type=int, default=5)
     ap.add_argument("--rows", type=int, default=900)
@@ -517,6 +576,8 @@ def main() -> None:
                     "(e.g. use_liger_kernel=true)")
     ap.add_argument("--torch-profile", type=int, default=0, help="N: profile N steps of each section's sitlib variant "
                     "after its timed ones (profile_<section>_<shape>_<device>.txt in --out)")
+    ap.add_argument("--gaps", action="store_true", help="with --torch-profile: record Python stacks and add where the "
+                    "device sat idle waiting for the host (bench/trace_gaps.py)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ARGS = a = ap.parse_args()
     if a.warm < 1:
@@ -548,6 +609,7 @@ def main() -> None:
                 "stock_best": lambda: sft_stock_best(path, tok, train, steps, n_params, a.warm),
                 "sitlib": lambda: sft_sitlib(fast, steps, n_params, a.warm, profile=True),
                 "sitlib_peft_lora": peft_lora(lambda: sft_sitlib(fast, steps, n_params, a.warm)),
+                "sitlib_stalled": stalled(lambda: sft_sitlib(fast, steps, n_params, a.warm)),
                 # packed sequences stay packed (SDPA with a block-diagonal mask: the same batches); else padded
                 "sitlib_plain": lambda: sft_sitlib(session(a.profile, "sdpa", bool(fast.config.sft.pack_tokens),
                                                            over, steps), steps, n_params, a.warm)}
@@ -561,37 +623,36 @@ def main() -> None:
         if "sitlib" in res and "sitlib_plain" in res and res["sitlib"].get("losses"):
             pairs = list(zip(res["sitlib"]["losses"], res["sitlib_plain"]["losses"]))
             res["sitlib_loss_max_rel_diff_vs_plain"] = round(max(abs(x - y) / abs(y) for x, y in pairs), 4)
-        for k in ("stock_best", "seed_recipe", "sitlib_peft_lora"):
-            if res.get(k, {}).get("real_tok_per_s") and res.get("sitlib", {}).get("real_tok_per_s"):
-                res[f"sitlib_over_{k}"] = round(res["sitlib"]["real_tok_per_s"] / res[k]["real_tok_per_s"], 2)
+        for k in ("stock_best", "seed_recipe", "sitlib_peft_lora", "sitlib_stalled"):
+            ratio_over(res, k)
         record("sft", res, a.out)
 
     if "dpo" in sections:
         res = {"sitlib": guarded(lambda: dpo_sitlib(fast, steps, n_params, a.warm, profile=True))}
         print("dpo sitlib", json.dumps(res["sitlib"]), flush=True)
-        if "sitlib_peft_lora" in a.variants.split(","):
-            res["sitlib_peft_lora"] = guarded(peft_lora(lambda: dpo_sitlib(fast, steps, n_params, a.warm)))
-            if res["sitlib_peft_lora"].get("real_tok_per_s") and res["sitlib"].get("real_tok_per_s"):
-                res["sitlib_over_sitlib_peft_lora"] = round(res["sitlib"]["real_tok_per_s"] /
-                                                            res["sitlib_peft_lora"]["real_tok_per_s"], 2)
+        for name, wrap in (("sitlib_peft_lora", peft_lora), ("sitlib_stalled", stalled),
+                           ("sitlib_repeat_kv", repeat_kv)):
+            if name in a.variants.split(","):
+                res[name] = guarded(wrap(lambda: dpo_sitlib(fast, steps, n_params, a.warm)))
+                ratio_over(res, name)
         if "seed_recipe" in a.variants.split(","):
             res["seed_recipe"] = guarded(lambda: dpo_seed_recipe(path, fast, steps, n_params, a.warm)) \
                 if have("bitsandbytes") else {"skipped": "bitsandbytes not importable"}
         else:
             res["seed_recipe"] = {"skipped": "not in --variants"}
-        if res["seed_recipe"].get("real_tok_per_s") and res["sitlib"].get("real_tok_per_s"):
-            res["sitlib_over_seed_recipe"] = round(res["sitlib"]["real_tok_per_s"] /
-                                                   res["seed_recipe"]["real_tok_per_s"], 2)
+        ratio_over(res, "seed_recipe")
         record("dpo", res, a.out)
 
     if "prompt_tuning" in sections:
         res = {"sitlib": guarded(lambda: sft_sitlib(fast, steps, n_params, a.warm, section="prompt_tuning",
                                                          profile=True)),
+               **{name: guarded(wrap(lambda: sft_sitlib(fast, steps, n_params, a.warm, section="prompt_tuning")))
+                  for name, wrap in (("sitlib_stalled", stalled), ("sitlib_repeat_kv", repeat_kv))
+                  if name in a.variants.split(",")},
                "seed_recipe": guarded(lambda: pt_seed_recipe(path, fast, steps, n_params, a.warm))
                if "seed_recipe" in a.variants.split(",") else {"skipped": "not in --variants"}}
-        if res["seed_recipe"].get("real_tok_per_s") and res["sitlib"].get("real_tok_per_s"):
-            res["sitlib_over_seed_recipe"] = round(res["sitlib"]["real_tok_per_s"] /
-                                                   res["seed_recipe"]["real_tok_per_s"], 2)
+        for name in ("seed_recipe", "sitlib_stalled", "sitlib_repeat_kv"):
+            ratio_over(res, name)
         record("prompt_tuning", res, a.out)
 
 

@@ -21,6 +21,10 @@ import torch.nn.functional as F
 
 NAME = "sit_varlen"
 
+# True: K/V heads are always repeated up to the query heads before the varlen kernel (the benchmark's
+# "repeat_kv" variant: what passing them as they are gives)
+REPEAT_KV = False
+
 
 def varlen_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     """FlashAttention-2 varlen runs on CUDA cards of compute capability >= 8.0, in half precision."""
@@ -77,7 +81,10 @@ def _varlen_kernel(q, k, v, cu: torch.Tensor, max_len: int, scaling: Optional[fl
     kw = {"scale": scaling}
     if "enable_gqa" in params:
         kw["enable_gqa"] = q.shape[1] != k.shape[1]
-    elif q.shape[1] != k.shape[1]:   # torch 2.11 has no GQA flag: repeat K/V heads
+    elif q.shape[1] != k.shape[1] and (REPEAT_KV or "window_size" not in params):
+        # torch 2.10 (is_causal, no window): repeat K/V heads. torch 2.11 (window_size, no GQA flag) hands K/V to
+        # the FlashAttention kernel as they are, and the kernel shares each K/V head across its query heads: the
+        # repeat's copies (and their gradients' sums) are saved
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if "is_causal" in params:

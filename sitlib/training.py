@@ -26,7 +26,7 @@ from .models import liger_available
 
 # resume point of a run: same fingerprint → newest complete checkpoint; other weights (a profile switch) → moved
 # aside; other config/data → removed. Re-exported: the notebooks call training.prepare_checkpoints.
-from . import checkpoints, lora, unpadding
+from . import checkpoints, lora, stalls, unpadding
 from .checkpoints import tokens_seen  # noqa: F401
 from .distributed import for_world, is_main_process, main_process_first, print_main, wait_for_everyone, world
 
@@ -183,6 +183,9 @@ def common_args(section, session, out_dir: Path, padding_free: bool) -> dict:
         max_length=None if padding_free else session.config.models.max_seq_length, report_to="none",
         seed=session.config.seed, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         save_only_model=False,
+        # the NaN filter reads the loss back after every micro-batch (a wait for the GPU, sitlib.stalls); without
+        # it a NaN loss is logged as NaN
+        logging_nan_inf_filter=not stalls.UNSTALLED,
     ))
 
 
@@ -449,12 +452,13 @@ def length_grouped(trainer_cls):
     EpochSeededLengthGroupedSampler; transformers' own sampler draws from the global RNG (a resume past the first
     epoch would see another order) and measures rows by an input_ids column, which DPO's tokenized pairs lack.
     Evaluation of pairs keeps the plain order (its batches are few). TRL 1.16 calls use_liger_kernel deprecated
-    for DPO, yet still applies Liger's layer kernels (it keeps its own fused LM head): that warning is not shown."""
+    for DPO, yet still applies Liger's layer kernels (it keeps its own fused LM head): that warning is not shown.
+    The class also steps without the Trainer's bookkeeping stalls (sitlib.stalls)."""
     import warnings
 
     from torch.utils.data import SequentialSampler
 
-    class LengthGrouped(trainer_cls):
+    class LengthGrouped(stalls.unstalled(trainer_cls)):
         def __init__(self, *args, **kwargs):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*use_liger_kernel.*", category=FutureWarning)

@@ -1,4 +1,5 @@
-"""The small bench helpers that read a run: recipe arguments (bench_recipes.py) and per-cell seconds (cell_seconds.py)."""
+"""The small bench helpers that read a run: recipe arguments (bench_recipes.py), per-cell seconds (cell_seconds.py),
+answer habits (answer_habits.py) and the device's idle gaps in a profiler trace (trace_gaps.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -64,3 +65,27 @@ def test_answer_habits_say_where_dpo_differs_from_sft_in_answer_and_in_outcome(t
     body = habits.summary(tmp_path)
     assert body["dpo"]["against_sft"] == {"items": 3, "answer_differs": 2, "outcome_differs": 1}
     assert "against_sft" not in body["sft"]
+
+
+def test_trace_gaps_sum_idle_time_by_the_python_frames_the_host_was_in(tmp_path):
+    def x(cat, ts, dur, name="k", tid=1):
+        return {"ph": "X", "cat": cat, "ts": ts, "dur": dur, "name": name, "tid": tid}
+
+    events = [x("kernel", 0, 10), x("kernel", 5, 15), x("gpu_memset", 30, 10), x("kernel", 100, 10),
+              x("kernel", 112, 2),   # a 2 us gap: below the threshold
+              x("python_function", 0, 200, "/s/site-packages/sitlib/training.py(1): step"),
+              x("python_function", 40, 50, "/s/site-packages/trl/trainer/dpo_trainer.py(9): metrics"),
+              x("python_function", 45, 10, "/s/python3.12/threading.py(3): wait"),
+              x("python_function", 0, 500, "/s/other.py(1): worker", tid=2)]   # not the main thread
+    tg = load("trace_gaps")
+    busy = tg.busy_intervals(events)
+    assert busy == [(0, 20), (30, 40), (100, 110), (112, 114)]
+    assert tg.idle_gaps(busy, 5) == [(20, 10), (40, 60)]
+    (tmp_path / "t.json").write_text(json.dumps({"traceEvents": events}))
+    text = tg.summary(tmp_path / "t.json", min_us=5)
+    assert "idle in 2 gaps of >= 5 us: 0.1 ms" in text
+    rows = text.splitlines()[2:]
+    # the 60 us gap's middle (70) lies inside metrics, called from step; the 10 us one (25) inside step alone
+    assert rows[0].split()[:2] == ["0.1", "1"] and rows[0].endswith(
+        "trl/trainer/dpo_trainer.py(9): metrics <- sitlib/training.py(1): step")
+    assert rows[1].endswith("  1  sitlib/training.py(1): step")

@@ -188,17 +188,26 @@ def test_hooks_on_lora_b_get_pefts_forward(tiny_model_dir):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_fused_bf16_on_a_gpu_stays_within_rounding_of_pefts(tiny_model_dir):
+    """In bf16 the two forwards round differently (one GEMM epilogue against a product, a scale and an add), so
+    both are held against the same weights in float32: the fused error may not exceed twice PEFT's own."""
+    import copy
+
     model, ids = _peft_model(tiny_model_dir, dtype=torch.bfloat16).cuda(), _ids().cuda()
+    exact, exact_grads = _logits_and_grads(copy.deepcopy(model).float(), ids)
     want, want_grads = _logits_and_grads(model, ids)
     lora.fuse(model)
     layer = next(m for m in model.modules() if type(m).__name__ == "FusedLinear")
     assert lora._adapter(layer, torch.randn(2, layer.in_features, dtype=torch.bfloat16, device="cuda")) == "default"
     got, got_grads = _logits_and_grads(model, ids)
-    scale = want.float().abs().max()
-    assert (got.float() - want.float()).abs().max() <= 0.02 * scale
-    for n in want_grads:
-        g, w = got_grads[n].float(), want_grads[n].float()
-        assert (g - w).norm() <= 0.05 * w.norm() + 1e-6, n
+
+    def err(a, b):
+        return (a.float() - b.float()).norm().item()
+
+    assert err(got, exact) <= 2 * err(want, exact) + 1e-3 * exact.norm().item()
+    assert got_grads.keys() == want_grads.keys() == exact_grads.keys()
+    for n in exact_grads:
+        e = exact_grads[n]
+        assert err(got_grads[n], e) <= 2 * err(want_grads[n], e) + 1e-3 * e.float().norm().item(), n
 
 
 def test_a_fused_model_generates_what_pefts_forward_generates(tiny_model_dir):

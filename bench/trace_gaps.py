@@ -1,0 +1,114 @@
+"""Where the GPU waits for the host: the idle time between kernels in a torch.profiler chrome trace (recorded with
+with_stack=True), summed by the Python frames the main thread was in at the middle of each gap.
+
+A step whose wall time is well above its kernels' time is bound by its host part; this names that part (a sync
+for a metric, a Python loop over modules, the data collator) instead of guessing. The profiler's own per-op cost
+makes the host slower than without it, so the gaps are an upper bound; their ranking is what counts.
+
+    python bench/trace_gaps.py TRACE.json [--top 25]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+# frames of these packages name the step's parts; torch's own frames (nn.Module.__call__ …) name nothing
+OWN = ("sitlib/", "trl/", "transformers/", "peft/", "accelerate/", "liger_kernel/", "bench/", "datasets/")
+
+
+def busy_intervals(events: list[dict]) -> list[tuple[float, float]]:
+    """The union of the device's kernel, copy and memset intervals, in µs, sorted."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS)
+    merged: list[list[float]] = []
+    for s, t in spans:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], t)
+        else:
+            merged.append([s, t])
+    return [(s, t) for s, t in merged]
+
+
+def idle_gaps(busy: list[tuple[float, float]], min_us: float) -> list[tuple[float, float]]:
+    """(start, length) of the spaces between busy intervals of at least `min_us`."""
+    return [(a[1], b[0] - a[1]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] >= min_us]
+
+
+def _main_thread_frames(events: list[dict]) -> list[dict]:
+    frames = [e for e in events if e.get("ph") == "X" and e.get("cat") == "python_function"]
+    if not frames:
+        return []
+    tid = Counter(e["tid"] for e in frames).most_common(1)[0][0]
+    return sorted((e for e in frames if e["tid"] == tid), key=lambda e: (e["ts"], -e.get("dur", 0)))
+
+
+def _short(name: str) -> str:
+    """'/x/site-packages/trl/trainer/dpo_trainer.py(1300): _compute_loss' -> 'trl/trainer/dpo_trainer.py(1300): …'"""
+    for pkg in OWN:
+        at = name.find(pkg)
+        if at >= 0:
+            return name[at:]
+    return name
+
+
+def stacks_at(frames: list[dict], times: list[float]) -> list[list[str]]:
+    """The main thread's Python call chain (outermost first) at each of the sorted `times`: one sweep, since a
+    thread's frames nest."""
+    out, stack, i = [], [], 0
+    for t in times:
+        while i < len(frames) and frames[i]["ts"] <= t:
+            while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) <= frames[i]["ts"]:
+                stack.pop()
+            stack.append(frames[i])
+            i += 1
+        while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) <= t:
+            stack.pop()
+        out.append([f["name"] for f in stack])
+    return out
+
+
+def attribute(chain: list[str], depth: int = 2) -> str:
+    """The innermost `depth` frames of the chain that belong to the project or the libraries it drives."""
+    own = [_short(n) for n in chain if any(p in n for p in OWN)]
+    return " <- ".join(reversed(own[-depth:])) if own else (_short(chain[-1]) if chain else "(no Python frame)")
+
+
+def summary(trace: Path, top: int = 25, min_us: float = 5.0) -> str:
+    events = json.loads(Path(trace).read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    busy = busy_intervals(events)
+    if not busy:
+        return "no device kernels in the trace\n"
+    span = busy[-1][1] - busy[0][0]
+    gaps = idle_gaps(busy, min_us)
+    frames = _main_thread_frames(events)
+    chains = stacks_at(frames, [s + n / 2 for s, n in gaps])
+    by = Counter()
+    count = Counter()
+    for (_, n), chain in zip(gaps, chains):
+        key = attribute(chain)
+        by[key] += n
+        count[key] += 1
+    idle = sum(n for _, n in gaps)
+    lines = [f"device busy {sum(t - s for s, t in busy) / 1e3:.1f} ms of {span / 1e3:.1f} ms from first to last "
+             f"kernel; idle in {len(gaps)} gaps of >= {min_us:g} us: {idle / 1e3:.1f} ms",
+             f"idle ms  gaps  where the host was (innermost frames first)"]
+    if not frames:
+        lines.append("(no Python frames: record the trace with with_stack=True)")
+    lines += [f"{by[k] / 1e3:7.1f}  {count[k]:5d}  {k}" for k, _ in by.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace")
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args()
+    print(summary(Path(a.trace), a.top), end="")
+
+
+if __name__ == "__main__":
+    main()
