@@ -202,7 +202,8 @@ class StepProfile:
                         with tempfile.TemporaryDirectory() as tmp:
                             trace = Path(tmp) / "trace.json"
                             self.prof.export_chrome_trace(str(trace))
-                            text += f"\nwhere the device waited for the host:\n{trace_gaps.summary(trace)}"
+                            text += ("\nwhere the device waited for the host:\n"
+                                     + trace_gaps.summary(trace, kernels=ARGS.gap_kernels))
                     path.write_text(text)
                     print(f"profile of {n} steps written to {path}", flush=True)
                     self.prof = None
@@ -578,6 +579,8 @@ def main() -> None:
                     "after its timed ones (profile_<section>_<shape>_<device>.txt in --out)")
     ap.add_argument("--gaps", action="store_true", help="with --torch-profile: record Python stacks and add where the "
                     "device sat idle waiting for the host (bench/trace_gaps.py)")
+    ap.add_argument("--gap-kernels", default="elementwise|reduce|copy",
+                    help="with --gaps: kernels (a regex of names) whose device time is also shown by launch site")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ARGS = a = ap.parse_args()
     if a.warm < 1:

@@ -5,12 +5,13 @@ A step whose wall time is well above its kernels' time is bound by its host part
 for a metric, a Python loop over modules, the data collator) instead of guessing. The profiler's own per-op cost
 makes the host slower than without it, so the gaps are an upper bound; their ranking is what counts.
 
-    python bench/trace_gaps.py TRACE.json [--top 25]
+    python bench/trace_gaps.py TRACE.json [--top 25] [--kernels REGEX]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -76,7 +77,24 @@ def attribute(chain: list[str], depth: int = 2) -> str:
     return " <- ".join(reversed(own[-depth:])) if own else (_short(chain[-1]) if chain else "(no Python frame)")
 
 
-def summary(trace: Path, top: int = 25, min_us: float = 5.0) -> str:
+def kernel_sites(events: list[dict], frames: list[dict], pattern: str, top: int) -> list[str]:
+    """Device time of the kernels whose name matches `pattern`, summed by the Python frames that launched them
+    (a kernel and its launch share a correlation id): which line of which library makes the copies, say."""
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    picked = sorted(((launches[e["args"]["correlation"]], e) for e in events
+                     if e.get("ph") == "X" and e.get("cat") == "kernel" and re.search(pattern, e.get("name", ""))
+                     and e.get("args", {}).get("correlation") in launches), key=lambda x: x[0])
+    chains = stacks_at(frames, [t for t, _ in picked])
+    by, count = Counter(), Counter()
+    for (_, e), chain in zip(picked, chains):
+        key = f"{e['name'][:40]}  @ {attribute(chain, 3)}"
+        by[key] += e.get("dur", 0)
+        count[key] += 1
+    return [f"{by[k] / 1e3:7.1f}  {count[k]:5d}  {k}" for k, _ in by.most_common(top)]
+
+
+def summary(trace: Path, top: int = 25, min_us: float = 5.0, kernels: str = "") -> str:
     events = json.loads(Path(trace).read_text())
     events = events["traceEvents"] if isinstance(events, dict) else events
     busy = busy_intervals(events)
@@ -99,6 +117,9 @@ def summary(trace: Path, top: int = 25, min_us: float = 5.0) -> str:
     if not frames:
         lines.append("(no Python frames: record the trace with with_stack=True)")
     lines += [f"{by[k] / 1e3:7.1f}  {count[k]:5d}  {k}" for k, _ in by.most_common(top)]
+    if kernels:
+        lines += [f"\ndevice ms  kernels  kernels matching {kernels!r}, by the frames that launched them"]
+        lines += kernel_sites(events, frames, kernels, top)
     return "\n".join(lines) + "\n"
 
 
@@ -106,8 +127,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--kernels", default="", help="a regex of kernel names: also their device time by launch site")
     a = ap.parse_args()
-    print(summary(Path(a.trace), a.top), end="")
+    print(summary(Path(a.trace), a.top, kernels=a.kernels), end="")
 
 
 if __name__ == "__main__":

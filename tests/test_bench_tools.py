@@ -89,3 +89,25 @@ def test_trace_gaps_sum_idle_time_by_the_python_frames_the_host_was_in(tmp_path)
     assert rows[0].split()[:2] == ["0.1", "1"] and rows[0].endswith(
         "trl/trainer/dpo_trainer.py(9): metrics <- sitlib/training.py(1): step")
     assert rows[1].endswith("  1  sitlib/training.py(1): step")
+
+
+def test_trace_gaps_sum_matching_kernels_by_the_frames_that_launched_them(tmp_path):
+    def x(cat, ts, dur, name, corr=None, tid=1):
+        return {"ph": "X", "cat": cat, "ts": ts, "dur": dur, "name": name, "tid": tid,
+                "args": {} if corr is None else {"correlation": corr}}
+
+    events = [x("python_function", 0, 100, "/s/sitlib/attention.py(5): attend"),
+              x("python_function", 200, 100, "/s/liger_kernel/ops/rope.py(9): rope"),
+              x("cuda_runtime", 10, 2, "cudaLaunchKernel", 1), x("kernel", 20, 30, "elementwise_kernel<copy>", 1),
+              x("cuda_runtime", 210, 2, "cudaLaunchKernel", 2), x("kernel", 220, 50, "elementwise_kernel<copy>", 2),
+              x("cuda_runtime", 220, 2, "cudaLaunchKernel", 3), x("kernel", 280, 70, "elementwise_kernel<add>", 3),
+              x("cuda_runtime", 230, 2, "cudaLaunchKernel", 4), x("kernel", 360, 90, "nvjet_gemm", 4)]
+    tg = load("trace_gaps")
+    frames = tg._main_thread_frames(events)
+    rows = tg.kernel_sites(events, frames, "elementwise", 10)
+    assert [(r.split()[:3]) for r in rows] == [["0.1", "1", "elementwise_kernel<add>"],
+                                               ["0.1", "1", "elementwise_kernel<copy>"],
+                                               ["0.0", "1", "elementwise_kernel<copy>"]]   # 70, 50, 30 us
+    assert rows[0].endswith("@ liger_kernel/ops/rope.py(9): rope") and rows[2].endswith("attention.py(5): attend")
+    (tmp_path / "t.json").write_text(json.dumps(events))
+    assert "kernels matching 'elementwise'" in tg.summary(tmp_path / "t.json", kernels="elementwise")
