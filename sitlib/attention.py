@@ -30,11 +30,17 @@ def varlen_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     """FlashAttention-2 varlen runs on CUDA cards of compute capability >= 8.0, in half precision."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
+    return _varlen_on_card(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_on_card(index: int) -> bool:
+    """Asked once per card: every attention call of every layer asks again."""
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
     except ImportError:
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def best_implementation(device: torch.device, dtype: torch.dtype) -> str:
@@ -120,7 +126,10 @@ def sit_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     if drop == 0.0 and varlen_kernel_available(query.device, query.dtype):
         max_len = kwargs.get("max_length_q")
         max_len = int(max_len) if max_len is not None else int(cu.diff().max())
-        out = _varlen_kernel(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+        # squeeze, not [0]: indexing's backward writes each gradient into a fresh zeroed tensor (a fill and a
+        # strided copy per tensor and layer); squeeze and transpose give views both ways, in the layout the
+        # projections and Liger's RoPE use, so no gradient is copied
+        out = _varlen_kernel(*(t.squeeze(0).transpose(0, 1) for t in (query, key, value)),
                              cu, max_len, scaling)
         return out.unsqueeze(0), None
     return _per_row_sdpa(query, key, value, cu, drop, scaling), None

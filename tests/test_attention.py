@@ -129,3 +129,37 @@ def test_varlen_kernel_matches_per_row_sdpa_on_cuda():
     grads_ref = torch.autograd.grad(ref, (q, k, v), g)
     for a, b in zip(grads_fast, grads_ref):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+def test_packed_rows_reach_the_varlen_kernel_as_views_so_no_gradient_is_copied(monkeypatch):
+    """The kernel takes [T, H, D]; the model gives [1, H, T, D] views of [1, T, H, D] storage (projections and
+    RoPE). Taking them by index would make autograd write each gradient into a zeroed tensor (SelectBackward):
+    a fill and a strided copy per tensor and layer. The kernel here is per-row SDPA, so the values can be checked."""
+    def kernel(q, k, v, cu, max_len, scaling):
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()   # what the projections laid out
+        return attention._per_row_sdpa(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), cu, 0.0,
+                                       scaling).squeeze(0)
+
+    monkeypatch.setattr(attention, "varlen_kernel_available", lambda device, dtype: True)
+    monkeypatch.setattr(attention, "_varlen_kernel", kernel)
+    g = torch.Generator().manual_seed(0)
+    T, cu = 11, torch.tensor([0, 4, 11], dtype=torch.int32)
+    q, k, v = (torch.randn(1, T, h, 8, generator=g, requires_grad=True) for h in (4, 4, 4))
+    module = torch.nn.Module().eval()
+    out, _ = attention.sit_varlen_attention(module, *(t.transpose(1, 2) for t in (q, k, v)), None,
+                                            cu_seq_lens_q=cu, max_length_q=7)
+    seen, todo = {}, [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and id(fn) not in seen:
+            seen[id(fn)] = fn
+            todo += [f for f, _ in fn.next_functions]
+    nodes = {type(fn).__name__ for fn in seen.values()}
+    assert "SelectBackward0" not in nodes and "TransposeBackward0" in nodes
+    out.square().sum().backward()
+    want = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = attention._per_row_sdpa(*(t.transpose(1, 2) for t in want), cu, 0.0, None)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for got, w in zip((q, k, v), want):
+        torch.testing.assert_close(got.grad, w.grad)
