@@ -3,7 +3,9 @@ with_stack=True), summed by the Python frames the main thread was in at the midd
 
 A step whose wall time is well above its kernels' time is bound by its host part; this names that part (a sync
 for a metric, a Python loop over modules, the data collator) instead of guessing. The profiler's own per-op cost
-makes the host slower than without it, so the gaps are an upper bound; their ranking is what counts.
+makes the host slower than without it, so the gaps are an upper bound; their ranking is what counts. Python frames
+entered from C++ (a torch custom op's body, autograd's thread) can miss their return in the trace and then show as
+callers of later frames: read the innermost frame first.
 
     python bench/trace_gaps.py TRACE.json [--top 25] [--kernels REGEX]
 """
