@@ -477,44 +477,24 @@ def pt_seed_recipe(path, S, steps, n_params, warm):
 
 # ---------------------------------------------------------------- main
 
-def peft_lora(run):
-    """`run` with PEFT's own LoRA forward (sitlib.lora.FUSED off): the variant that shows what fusing gives."""
-    def go():
-        from sitlib import lora
-
-        before, lora.FUSED = lora.FUSED, False
-        try:
-            return run()
-        finally:
-            lora.FUSED = before
-    return go
-
-
-def stalled(run):
-    """`run` with the Trainer's bookkeeping stalls left in (sitlib.stalls.UNSTALLED off): what removing them gives."""
-    def go():
-        from sitlib import stalls
-
-        before, stalls.UNSTALLED = stalls.UNSTALLED, False
-        try:
-            return run()
-        finally:
-            stalls.UNSTALLED = before
-    return go
+def flagged(module: str, flag: str, value):
+    """A variant maker: `run` with sitlib.<module>.<flag> set to `value`, restored afterwards."""
+    def wrap(run):
+        def go():
+            mod = importlib.import_module(f"sitlib.{module}")
+            before = getattr(mod, flag)
+            setattr(mod, flag, value)
+            try:
+                return run()
+            finally:
+                setattr(mod, flag, before)
+        return go
+    return wrap
 
 
-def repeat_kv(run):
-    """`run` with K/V heads repeated before the varlen kernel (sitlib.attention.REPEAT_KV on), as before torch's
-    kernel got them as they are."""
-    def go():
-        from sitlib import attention
-
-        before, attention.REPEAT_KV = attention.REPEAT_KV, True
-        try:
-            return run()
-        finally:
-            attention.REPEAT_KV = before
-    return go
+peft_lora = flagged("lora", "FUSED", False)             # PEFT's own LoRA forward: what fusing gives
+stalled = flagged("stalls", "UNSTALLED", False)         # the Trainer's bookkeeping waits left in
+repeat_kv = flagged("attention", "REPEAT_KV", True)     # K/V heads repeated before the varlen kernel
 
 
 def guarded(run) -> dict:

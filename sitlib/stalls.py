@@ -11,9 +11,9 @@ while the GPU has nothing queued. bench/trace_gaps.py names these stalls in a pr
 `unstalled(cls)` subclasses a trainer class so the same numbers come without those waits: the collator counts
 the batch's tokens while it is still on the host (the count rides along in the batch and is taken out before the
 model sees it), the parameter count is computed once per model, and the unwrapped model is remembered per model
-object. Under several processes the counts need a gather across them,
-so there the Trainer's own code runs. The NaN filter is switched off in the training arguments instead
-(`logging_nan_inf_filter=False`, sitlib.training.common_args): a NaN loss is then logged as NaN.
+object. Under several processes the counts need a gather across them, so there the Trainer's own code runs. The
+NaN filter is switched off in the training arguments instead (`logging_nan_inf_filter=False`,
+sitlib.training.common_args): a NaN loss is then logged as NaN.
 """
 from __future__ import annotations
 
