@@ -105,7 +105,8 @@ class Clock:
     """A TrainerCallback (built lazily: transformers is imported late) that stamps the end of every step. On a GPU
     the stamp is a CUDA event recorded in the stream, not a synchronize: a wait at every step would leave the GPU
     idle while the host prepares the next one, which a run outside the benchmark does not do. The times are read
-    once, after the run."""
+    once, after the run. The per-step garbage-collection and allocator counts (`step_events`) are taken on the
+    host, which may run ahead of the GPU: they belong to the step the host was preparing."""
 
     def __new__(cls):
         from transformers import TrainerCallback

@@ -1,5 +1,6 @@
 """Where the GPU waits for the host: the idle time between kernels in a torch.profiler chrome trace (recorded with
-with_stack=True), summed by the Python frames the main thread was in at the middle of each gap.
+with_stack=True), summed by the Python frames that the thread launching the kernel after each gap was in at the
+middle of the gap (the main thread, or autograd's inside a backward).
 
 A step whose wall time is well above its kernels' time is bound by its host part; this names that part (a sync
 for a metric, a Python loop over modules, the data collator) instead of guessing. The profiler's own per-op cost
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
@@ -40,12 +41,34 @@ def idle_gaps(busy: list[tuple[float, float]], min_us: float) -> list[tuple[floa
     return [(a[1], b[0] - a[1]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] >= min_us]
 
 
-def _main_thread_frames(events: list[dict]) -> list[dict]:
-    frames = [e for e in events if e.get("ph") == "X" and e.get("cat") == "python_function"]
-    if not frames:
-        return []
-    tid = Counter(e["tid"] for e in frames).most_common(1)[0][0]
-    return sorted((e for e in frames if e["tid"] == tid), key=lambda e: (e["ts"], -e.get("dur", 0)))
+def frames_by_thread(events: list[dict]) -> dict:
+    """Each thread's Python frames, sorted by start (outer before inner)."""
+    out: dict = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "python_function":
+            out[e["tid"]].append(e)
+    for frames in out.values():
+        frames.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+    return dict(out)
+
+
+def launches(events: list[dict]) -> dict:
+    """correlation id -> (time, thread) of the host call that launched that device work."""
+    return {e["args"]["correlation"]: (e["ts"], e["tid"]) for e in events
+            if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+
+
+def chains_at(threads: dict, queries: list[tuple[float, object]]) -> list[list[str]]:
+    """The call chain of thread `tid` at time `t` for each (t, tid) query, in the queries' order."""
+    out: list = [[] for _ in queries]
+    by_tid: dict = defaultdict(list)
+    for i, (t, tid) in enumerate(queries):
+        by_tid[tid].append((t, i))
+    for tid, items in by_tid.items():
+        items.sort()
+        for (_, i), chain in zip(items, stacks_at(threads.get(tid, []), [t for t, _ in items])):
+            out[i] = chain
+    return out
 
 
 def _short(name: str) -> str:
@@ -58,8 +81,8 @@ def _short(name: str) -> str:
 
 
 def stacks_at(frames: list[dict], times: list[float]) -> list[list[str]]:
-    """The main thread's Python call chain (outermost first) at each of the sorted `times`: one sweep, since a
-    thread's frames nest."""
+    """A thread's Python call chain (outermost first) at each of the sorted `times`, from that thread's sorted
+    frames: one sweep, since a thread's frames nest."""
     out, stack, i = [], [], 0
     for t in times:
         while i < len(frames) and frames[i]["ts"] <= t:
@@ -79,17 +102,16 @@ def attribute(chain: list[str], depth: int = 2) -> str:
     return " <- ".join(reversed(own[-depth:])) if own else (_short(chain[-1]) if chain else "(no Python frame)")
 
 
-def kernel_sites(events: list[dict], frames: list[dict], pattern: str, top: int) -> list[str]:
-    """Device time of the kernels whose name matches `pattern`, summed by the Python frames that launched them
-    (a kernel and its launch share a correlation id): which line of which library makes the copies, say."""
-    launches = {e["args"]["correlation"]: e["ts"] for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    picked = sorted(((launches[e["args"]["correlation"]], e) for e in events
-                     if e.get("ph") == "X" and e.get("cat") == "kernel" and re.search(pattern, e.get("name", ""))
-                     and e.get("args", {}).get("correlation") in launches), key=lambda x: x[0])
-    chains = stacks_at(frames, [t for t, _ in picked])
+def kernel_sites(events: list[dict], threads: dict, pattern: str, top: int) -> list[str]:
+    """Device time of the kernels whose name matches `pattern`, summed by the Python frames of the thread that
+    launched them (a kernel and its launch share a correlation id; the backward's kernels come from autograd's
+    thread): which line of which library makes the copies, say."""
+    launched = launches(events)
+    picked = [(launched[e["args"]["correlation"]], e) for e in events
+              if e.get("ph") == "X" and e.get("cat") == "kernel" and re.search(pattern, e.get("name", ""))
+              and e.get("args", {}).get("correlation") in launched]
     by, count = Counter(), Counter()
-    for (_, e), chain in zip(picked, chains):
+    for (_, e), chain in zip(picked, chains_at(threads, [at for at, _ in picked])):
         key = f"{e['name'][:40]}  @ {attribute(chain, 3)}"
         by[key] += e.get("dur", 0)
         count[key] += 1
@@ -104,8 +126,13 @@ def summary(trace: Path, top: int = 25, min_us: float = 5.0, kernels: str = "") 
         return "no device kernels in the trace\n"
     span = busy[-1][1] - busy[0][0]
     gaps = idle_gaps(busy, min_us)
-    frames = _main_thread_frames(events)
-    chains = stacks_at(frames, [s + n / 2 for s, n in gaps])
+    threads = frames_by_thread(events)
+    main = max(threads, key=lambda tid: len(threads[tid])) if threads else None
+    # a gap is charged to the thread that launched the kernel ending it (autograd's thread inside a backward)
+    launched = launches(events)
+    starts = {e["ts"]: e.get("args", {}).get("correlation") for e in events
+              if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS}
+    chains = chains_at(threads, [(s + n / 2, launched.get(starts.get(s + n), (None, main))[1]) for s, n in gaps])
     by = Counter()
     count = Counter()
     for (_, n), chain in zip(gaps, chains):
@@ -115,13 +142,13 @@ def summary(trace: Path, top: int = 25, min_us: float = 5.0, kernels: str = "") 
     idle = sum(n for _, n in gaps)
     lines = [f"device busy {sum(t - s for s, t in busy) / 1e3:.1f} ms of {span / 1e3:.1f} ms from first to last "
              f"kernel; idle in {len(gaps)} gaps of >= {min_us:g} us: {idle / 1e3:.1f} ms",
-             f"idle ms  gaps  where the host was (innermost frames first)"]
-    if not frames:
+             "idle ms  gaps  where the launching thread was (innermost frames first)"]
+    if not threads:
         lines.append("(no Python frames: record the trace with with_stack=True)")
     lines += [f"{by[k] / 1e3:7.1f}  {count[k]:5d}  {k}" for k, _ in by.most_common(top)]
     if kernels:
         lines += [f"\ndevice ms  kernels  kernels matching {kernels!r}, by the frames that launched them"]
-        lines += kernel_sites(events, frames, kernels, top)
+        lines += kernel_sites(events, threads, kernels, top)
     return "\n".join(lines) + "\n"
 
 

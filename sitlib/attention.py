@@ -35,7 +35,7 @@ def varlen_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _varlen_on_card(index: int) -> bool:
-    """Asked once per card: every attention call of every layer asks again."""
+    """Cached per card: otherwise every attention call of every layer would ask."""
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
     except ImportError:

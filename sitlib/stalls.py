@@ -11,18 +11,20 @@ while the GPU has nothing queued. bench/trace_gaps.py names these stalls in a pr
 `unstalled(cls)` subclasses a trainer class so the same numbers come without those waits: the collator counts
 the batch's tokens while it is still on the host (the count rides along in the batch and is taken out before the
 model sees it), the parameter count is computed once per model, and the unwrapped model is remembered per model
-object. Under several processes the counts need a gather across them, so there the Trainer's own code runs. The
-NaN filter is switched off in the training arguments instead (`logging_nan_inf_filter=False`,
-sitlib.training.common_args): a NaN loss is then logged as NaN.
+object. Under several processes the counts need a gather across them, so there the Trainer's own counting runs.
+Where the arguments ask for the NaN filter (`logging_nan_inf_filter`, transformers' default), the class turns the
+Trainer's off and applies the same filter on the GPU: a micro-batch's non-finite loss is logged as the running
+average instead, as transformers does.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 
 
-# False: unstalled() returns the class unchanged and the NaN filter stays on (the benchmark's "stalled" variant)
+# False: unstalled() returns the class unchanged (the benchmark's "stalled" variant)
 UNSTALLED = True
 
 # the batch key that carries the count from the collator (host) to the step; popped before the model sees it
@@ -39,32 +41,45 @@ def host_token_count(batch: dict, mode: str, main_input: str, pad_id: Optional[i
     return int(batch[main_input].numel())
 
 
-def counting(collate, mode: str, main_input: str, pad_id: Optional[int]):
-    """`collate` whose batches also carry their token count under COUNT_KEY."""
-    def collate_and_count(features):
-        batch = collate(features)
-        if isinstance(batch, dict) and isinstance(batch.get(main_input), torch.Tensor):
-            batch[COUNT_KEY] = host_token_count(batch, mode, main_input, pad_id)
-        return batch
+class CountingCollator:
+    """`collate` whose batches also carry their token count under COUNT_KEY (a class, not a closure: DataLoader
+    workers started by spawn pickle their collate function)."""
 
-    return collate_and_count
+    def __init__(self, collate, mode: str, main_input: str, pad_id: Optional[int]):
+        self.collate, self.mode, self.main_input, self.pad_id = collate, mode, main_input, pad_id
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        if isinstance(batch, dict) and isinstance(batch.get(self.main_input), torch.Tensor):
+            batch[COUNT_KEY] = host_token_count(batch, self.mode, self.main_input, self.pad_id)
+        return batch
 
 
 def remembered_unwrap(unwrap):
     """accelerator.unwrap_model that returns the first answer again for the same model object. Only plain calls
-    are remembered: keep_fp32_wrapper=False changes the model, so calls with arguments go through every time."""
-    seen: dict = {}
+    are remembered: keep_fp32_wrapper=False changes the model, so calls with arguments go through every time.
+    Models and answers are held weakly: a model the run drops is freed."""
+    seen = weakref.WeakKeyDictionary()
 
     def unwrap_model(model, *args, **kwargs):
         if args or kwargs:
             return unwrap(model, *args, **kwargs)
-        hit = seen.get(id(model))
-        if hit is None or hit[0] is not model:
-            hit = seen[id(model)] = (model, unwrap(model))
-        return hit[1]
+        hit = seen.get(model)
+        answer = hit() if hit is not None else None
+        if answer is None:
+            answer = unwrap(model)
+            seen[model] = weakref.ref(answer)
+        return answer
 
     unwrap_model.__wrapped__ = unwrap
     return unwrap_model
+
+
+def nan_filtered(loss: torch.Tensor, trainer) -> torch.Tensor:
+    """transformers' logging NaN filter computed on the GPU: a non-finite micro-batch loss counts as the average
+    logged loss so far (what the Trainer adds in its place), without reading the loss back."""
+    average = trainer._tr_loss / (1 + trainer.state.global_step - trainer._globalstep_last_logged)
+    return torch.where(torch.isfinite(loss), loss, average)
 
 
 def unstalled(trainer_cls):
@@ -73,11 +88,13 @@ def unstalled(trainer_cls):
         return trainer_cls
 
     class Unstalled(trainer_cls):
-        _sit_params: Optional[tuple] = None
+        _flops_model, _flops_params = None, 0
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            if self.args.world_size == 1:
+            # the same filter, on the GPU (training_step); the Trainer's own reads every loss back
+            self._nan_filter, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
+            if self.args.world_size == 1:   # under DDP and the like the model is wrapped at train(): left as is
                 self.accelerator.unwrap_model = remembered_unwrap(self.accelerator.unwrap_model)
 
         def get_train_dataloader(self):
@@ -86,8 +103,8 @@ def unstalled(trainer_cls):
             if mode == "no" or self.args.world_size > 1:
                 return super().get_train_dataloader()
             collate = self.data_collator
-            self.data_collator = counting(collate, mode, getattr(self.model, "main_input_name", "input_ids"),
-                                          getattr(self.processing_class, "pad_token_id", None))
+            self.data_collator = CountingCollator(collate, mode, getattr(self.model, "main_input_name", "input_ids"),
+                                                  getattr(self.processing_class, "pad_token_id", None))
             try:
                 return super().get_train_dataloader()
             finally:
@@ -96,10 +113,11 @@ def unstalled(trainer_cls):
         def training_step(self, model, inputs, *args, **kwargs):
             count = inputs.pop(COUNT_KEY, None)   # not a model input
             try:
-                return super().training_step(model, inputs, *args, **kwargs)
+                loss = super().training_step(model, inputs, *args, **kwargs)
             finally:
                 if count is not None:
                     inputs[COUNT_KEY] = count
+            return nan_filtered(loss, self) if self._nan_filter else loss
 
         def _track_num_input_tokens(self, inputs) -> None:
             count = inputs.pop(COUNT_KEY, None)
@@ -112,9 +130,10 @@ def unstalled(trainer_cls):
             main = getattr(self.model, "main_input_name", "input_ids")
             if main not in inputs or not hasattr(self.model, "num_parameters"):
                 return super().floating_point_ops(inputs)
-            if self._sit_params is None or self._sit_params[0] is not self.model:
-                self._sit_params = (self.model, self.model.num_parameters(exclude_embeddings=True))
-            return 6 * inputs[main].numel() * self._sit_params[1]
+            if self._flops_model is not self.model:
+                self._flops_model = self.model
+                self._flops_params = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main].numel() * self._flops_params
 
     Unstalled.__name__ = Unstalled.__qualname__ = f"Unstalled{trainer_cls.__name__}"
     return Unstalled

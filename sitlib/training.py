@@ -183,9 +183,6 @@ def common_args(section, session, out_dir: Path, padding_free: bool) -> dict:
         max_length=None if padding_free else session.config.models.max_seq_length, report_to="none",
         seed=session.config.seed, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         save_only_model=False,
-        # the NaN filter reads the loss back after every micro-batch (a wait for the GPU, sitlib.stalls); without
-        # it a NaN loss is logged as NaN
-        logging_nan_inf_filter=not stalls.UNSTALLED,
     ))
 
 

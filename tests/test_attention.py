@@ -163,3 +163,29 @@ def test_packed_rows_reach_the_varlen_kernel_as_views_so_no_gradient_is_copied(m
     torch.testing.assert_close(out, ref)
     for got, w in zip((q, k, v), want):
         torch.testing.assert_close(got.grad, w.grad)
+
+
+@pytest.mark.parametrize("params, repeated, flag", [
+    ({"scale", "window_size"}, False, None),            # torch 2.11: K/V heads go to the kernel as they are
+    ({"scale", "is_causal"}, True, None),               # torch 2.10: repeated
+    ({"scale", "window_size", "enable_gqa"}, False, True),   # torch >= 2.12: the flag
+])
+def test_kv_heads_reach_the_kernel_as_each_torch_takes_them(monkeypatch, params, repeated, flag):
+    import torch.nn.attention.varlen as varlen
+
+    seen = {}
+
+    def fake_varlen_attn(q, k, v, *args, **kw):
+        seen.update(k_heads=k.shape[1], v_heads=v.shape[1], **kw)
+        return q
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake_varlen_attn)
+    monkeypatch.setattr(attention, "_varlen_params", lambda: frozenset(params))
+    q, k = torch.randn(10, 6, 4), torch.randn(10, 2, 4)
+    for repeat_kv in (False, True):
+        monkeypatch.setattr(attention, "REPEAT_KV", repeat_kv)
+        seen.clear()
+        attention._varlen_kernel(q, k, k, torch.tensor([0, 10], dtype=torch.int32), 10, None)
+        want = 6 if (repeated or (repeat_kv and flag is None)) else 2
+        assert seen["k_heads"] == seen["v_heads"] == want
+        assert seen.get("enable_gqa") == flag

@@ -103,11 +103,32 @@ def test_trace_gaps_sum_matching_kernels_by_the_frames_that_launched_them(tmp_pa
               x("cuda_runtime", 220, 2, "cudaLaunchKernel", 3), x("kernel", 280, 70, "elementwise_kernel<add>", 3),
               x("cuda_runtime", 230, 2, "cudaLaunchKernel", 4), x("kernel", 360, 90, "nvjet_gemm", 4)]
     tg = load("trace_gaps")
-    frames = tg._main_thread_frames(events)
-    rows = tg.kernel_sites(events, frames, "elementwise", 10)
+    rows = tg.kernel_sites(events, tg.frames_by_thread(events), "elementwise", 10)
     assert [(r.split()[:3]) for r in rows] == [["0.1", "1", "elementwise_kernel<add>"],
                                                ["0.1", "1", "elementwise_kernel<copy>"],
                                                ["0.0", "1", "elementwise_kernel<copy>"]]   # 70, 50, 30 us
     assert rows[0].endswith("@ liger_kernel/ops/rope.py(9): rope") and rows[2].endswith("attention.py(5): attend")
     (tmp_path / "t.json").write_text(json.dumps(events))
     assert "kernels matching 'elementwise'" in tg.summary(tmp_path / "t.json", kernels="elementwise")
+
+
+def test_trace_gaps_follow_the_thread_that_launched_the_work(tmp_path):
+    """A backward's kernels come from autograd's thread while the main thread waits in backward(): the gap before
+    such a kernel, and the kernel itself, belong to the launching thread's frames."""
+    def x(cat, ts, dur, name, tid, corr=None):
+        return {"ph": "X", "cat": cat, "ts": ts, "dur": dur, "name": name, "tid": tid,
+                "args": {} if corr is None else {"correlation": corr}}
+
+    events = [x("python_function", 0, 1000, "/s/accelerate/accelerator.py(1): backward", 1),
+              x("python_function", 0, 1000, "/s/other.py(2): spin", 1),
+              x("python_function", 0, 400, "/s/liger_kernel/ops/rope.py(3): rope_backward", 2),
+              x("python_function", 0, 5, "/s/tiny.py(4): t", 1),   # tid 1 keeps the most frames: the main thread
+              x("cuda_runtime", 10, 2, "cudaLaunchKernel", 2, 7), x("kernel", 20, 10, "copy_kernel", 2, 7),
+              x("cuda_runtime", 300, 2, "cudaLaunchKernel", 2, 8), x("kernel", 330, 10, "copy_kernel", 2, 8)]
+    tg = load("trace_gaps")
+    threads = tg.frames_by_thread(events)
+    assert tg.kernel_sites(events, threads, "copy", 5)[0].split()[1] == "2" and \
+        tg.kernel_sites(events, threads, "copy", 5)[0].endswith("@ liger_kernel/ops/rope.py(3): rope_backward")
+    (tmp_path / "t.json").write_text(json.dumps(events))
+    rows = tg.summary(tmp_path / "t.json", min_us=5).splitlines()[2:]
+    assert rows == ["    0.3      1  liger_kernel/ops/rope.py(3): rope_backward"]   # 30 -> 330, not "backward"

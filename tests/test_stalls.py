@@ -1,5 +1,10 @@
 """sitlib.stalls: the trainers without the bookkeeping waits keep the same numbers (tokens seen, FLOPs, losses) and
 do not take the slow paths (the Trainer's own token count through the device, a parameter count per batch)."""
+import gc
+import pickle
+import weakref
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers
@@ -51,6 +56,13 @@ def _run(S, tmp_path, tiny_model_dir, stage: str, monkeypatch):
         return count(*a, **kw)
 
     trainer.model.num_parameters = counted_count
+    forward = trainer.model.forward
+
+    def checked_forward(*a, **kw):
+        assert stalls.COUNT_KEY not in kw   # the count rides in the batch but never reaches the model
+        return forward(*a, **kw)
+
+    trainer.model.forward = checked_forward
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return trainer.state, losses, calls, trainer
@@ -65,7 +77,7 @@ def test_unstalled_trainers_count_the_same_tokens_and_flops_without_the_slow_pat
     write_jsonl(S.paths.data_preference / "dpo_val.jsonl", _pairs()[16:])
     fast_state, fast_losses, fast_calls, trainer = _run(S, tmp_path, tiny_model_dir, stage, monkeypatch)
     assert type(trainer).__mro__[1].__name__.startswith("Unstalled")
-    assert not trainer.args.logging_nan_inf_filter
+    assert not trainer.args.logging_nan_inf_filter and trainer._nan_filter   # applied on the GPU side instead
     monkeypatch.setattr(stalls, "UNSTALLED", False)
     slow_state, slow_losses, slow_calls, slow = _run(S, tmp_path, tiny_model_dir, stage, monkeypatch)
     assert slow.args.logging_nan_inf_filter and not any(c.__name__.startswith("Unstalled") for c in type(slow).__mro__)
@@ -78,28 +90,57 @@ def test_unstalled_trainers_count_the_same_tokens_and_flops_without_the_slow_pat
 
 
 def test_the_token_count_follows_the_trainers_rule_and_never_reaches_the_model():
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    ids = torch.tensor([[5, 6, 7, 0], [5, 0, 0, 0]])
+    ids, mask = _batch([]).values()
     assert stalls.host_token_count({"input_ids": ids, "attention_mask": mask}, "non_padding", "input_ids", 0) == 5
     assert stalls.host_token_count({"input_ids": ids}, "non_padding", "input_ids", 0) == 4   # pad id 0, as the Trainer
     assert stalls.host_token_count({"input_ids": ids}, "non_padding", "input_ids", None) == 8
     assert stalls.host_token_count({"input_ids": ids, "attention_mask": mask}, "all", "input_ids", 0) == 8
-    collate = stalls.counting(lambda feats: {"input_ids": ids, "attention_mask": mask}, "non_padding", "input_ids", 0)
+    collate = stalls.CountingCollator(_batch, "non_padding", "input_ids", 0)
     assert collate([])[stalls.COUNT_KEY] == 5
-    assert stalls.counting(lambda feats: ["not a dict"], "all", "input_ids", 0)([]) == ["not a dict"]
+    assert pickle.loads(pickle.dumps(collate))([])[stalls.COUNT_KEY] == 5   # DataLoader workers may pickle it
+    assert stalls.CountingCollator(lambda feats: ["not a dict"], "all", "input_ids", 0)([]) == ["not a dict"]
+
+
+def _batch(features):
+    return {"input_ids": torch.tensor([[5, 6, 7, 0], [5, 0, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0],
+                                                                                                   [1, 1, 0, 0]])}
+
+
+def test_the_nan_filter_runs_on_the_gpu_side_as_transformers_runs_it():
+    """A non-finite micro-batch loss counts as the average logged loss so far (transformers: _tr_loss / (1 + steps
+    since the last log)), a finite one as itself; the Trainer's own filter, which reads every loss back, is off."""
+    class Base:
+        def __init__(self, args):
+            self.args, self.accelerator = args, SimpleNamespace(unwrap_model=lambda m: m)
+            self.state, self._globalstep_last_logged, self._tr_loss = SimpleNamespace(global_step=3), 1, torch.tensor(9.0)
+            self.losses = [torch.tensor(2.0), torch.tensor(float("nan")), torch.tensor(float("-inf"))]
+
+        def training_step(self, model, inputs, *a, **kw):
+            return self.losses.pop(0)
+
+    args = SimpleNamespace(logging_nan_inf_filter=True, world_size=1, include_num_input_tokens_seen="no")
+    trainer = stalls.unstalled(Base)(args)
+    assert not trainer.args.logging_nan_inf_filter
+    assert [float(trainer.training_step(None, {})) for _ in range(3)] == [2.0, 3.0, 3.0]
+    unfiltered = stalls.unstalled(Base)(SimpleNamespace(**{**vars(args), "logging_nan_inf_filter": False}))
+    assert [float(unfiltered.training_step(None, {})) for _ in range(2)][1] != 3.0   # asked for no filter: NaN stays
 
 
 def test_remembered_unwrap_answers_once_per_model_and_passes_calls_with_arguments():
     seen = []
 
-    def unwrap(model, *args, **kwargs):
-        seen.append((model, args, kwargs))
-        return ("unwrapped", model)
+    def unwrap(model, *args, **kwargs):   # one process, no wrapper: accelerate answers with the model itself
+        seen.append((args, kwargs))
+        return model
 
     cached = stalls.remembered_unwrap(unwrap)
     a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
-    assert cached(a) == cached(a) == ("unwrapped", a) and cached(b) == ("unwrapped", b)
+    assert cached(a) is cached(a) is a and cached(b) is b
     assert len(seen) == 2
     cached(a, keep_fp32_wrapper=False)
     cached(a, keep_fp32_wrapper=False)
     assert len(seen) == 4
+    ref = weakref.ref(b)
+    del b
+    gc.collect()
+    assert ref() is None   # remembering a model does not keep it alive
