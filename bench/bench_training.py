@@ -114,6 +114,9 @@ class Clock:
         class _Clock(TrainerCallback):
             def __init__(self):
                 self.marks = []
+                # TRL's running count of real tokens (what it logs as num_tokens) at each step's end, read from the
+                # trainer (measure sets it) so that steps need not be logged: a log reads the loss back from the GPU
+                self.trainer, self.tokens = None, []
                 # per step, what could stall it: Python's garbage collector (seconds it ran) and the CUDA
                 # allocator (cudaMalloc calls, and retries after freeing its cache because no block fit)
                 self.events, self.gc_s, self._gc_t0 = [], 0.0, None
@@ -150,6 +153,7 @@ class Clock:
                 self.shapes = []
 
             def on_step_end(self, args, state, control, **kw):
+                self.tokens.append(getattr(self.trainer, "_total_train_tokens", None))
                 if torch.cuda.is_available():
                     self.marks.append(torch.cuda.Event(enable_timing=True))
                     self.marks[-1].record()
@@ -229,12 +233,16 @@ def measure(trainer, clock, warm: int, n_params: int, tokens_key: str = "num_tok
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     err = None
+    clock.trainer = trainer
     try:
         trainer.train()
     except Exception as e:   # noqa: BLE001  (one variant's failure is a result, not the end of the run)
         err = repr(e)[:400]
     hist = trainer.state.log_history
-    ntok = [h[tokens_key] for h in hist if tokens_key in h][:timed]
+    if tokens_key == "num_tokens" and clock.tokens and None not in clock.tokens:
+        ntok = clock.tokens[:timed]
+    else:
+        ntok = [h[tokens_key] for h in hist if tokens_key in h][:timed]
     t = clock.t[:timed]
     out = {"peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "losses": [round(h["loss"], 4) for h in hist if "loss" in h][:min(20, timed or 20)]}
@@ -283,9 +291,9 @@ def load(path: Path, four_bit: bool = False, attn: str = "sdpa"):
 
 
 def trl_args(cls, name: str, steps: int, **kw):
-    """A TRL config for the non-sitlib variants: log every step, save and evaluate nothing; `kw` wins."""
+    """A TRL config for the non-sitlib variants: log every --log-steps steps, save and evaluate nothing; `kw` wins."""
     base = dict(output_dir=os.path.join(tempfile.gettempdir(), f"sit-bench-{name}"), max_steps=steps,
-                learning_rate=2e-4, logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+                learning_rate=2e-4, logging_steps=ARGS.log_steps, save_strategy="no", eval_strategy="no", report_to=[],
                 bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
                 seed=0)
     return cls(**{**base, **kw})
@@ -300,10 +308,11 @@ def session(profile: str, attn: str, padding_free: bool, sets: dict, steps: int)
 
     base = hardware.PROFILES[profile]
     hardware.PROFILES[profile] = dataclasses.replace(base, attn_implementation=attn, padding_free=padding_free)
-    over = {"sft.max_steps": steps, "sft.save_steps": 10_000, "sft.eval_steps": 10_000, "sft.logging_steps": 1,
+    log = ARGS.log_steps
+    over = {"sft.max_steps": steps, "sft.save_steps": 10_000, "sft.eval_steps": 10_000, "sft.logging_steps": log,
             "prompt_tuning.max_steps": steps, "prompt_tuning.save_steps": 10_000,
-            "prompt_tuning.eval_steps": 10_000, "prompt_tuning.logging_steps": 1,
-            "dpo.max_steps": steps, "dpo.save_steps": 10_000, "dpo.eval_steps": 10_000, "dpo.logging_steps": 1,
+            "prompt_tuning.eval_steps": 10_000, "prompt_tuning.logging_steps": log,
+            "dpo.max_steps": steps, "dpo.save_steps": 10_000, "dpo.eval_steps": 10_000, "dpo.logging_steps": log,
             "models.max_seq_length": 1024, **sets}
     try:
         S = setup(profile, tempfile.mkdtemp(prefix="sit-bench-"), overrides=over, verbose=False)
@@ -558,6 +567,9 @@ def main() -> None:
                     "(e.g. use_liger_kernel=true)")
     ap.add_argument("--torch-profile", type=int, default=0, help="N: profile N steps of each section's sitlib variant "
                     "after its timed ones (profile_<section>_<shape>_<device>.txt in --out)")
+    ap.add_argument("--log-steps", type=int, default=1, help="log every N steps, every variant (each log reads the "
+                    "loss back from the GPU; the notebooks log every 5 to 25). Speed is clocked per step either way; "
+                    "the losses shown are the logged ones")
     ap.add_argument("--gaps", action="store_true", help="with --torch-profile: record Python stacks and add where the "
                     "device sat idle waiting for the host (bench/trace_gaps.py)")
     ap.add_argument("--gap-kernels", default="elementwise|reduce|copy",

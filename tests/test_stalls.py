@@ -112,7 +112,8 @@ def test_the_nan_filter_runs_on_the_gpu_side_as_transformers_runs_it():
     class Base:
         def __init__(self, args):
             self.args, self.accelerator = args, SimpleNamespace(unwrap_model=lambda m: m)
-            self.state, self._globalstep_last_logged, self._tr_loss = SimpleNamespace(global_step=3), 1, torch.tensor(9.0)
+            self.state, self._globalstep_last_logged = SimpleNamespace(global_step=3), 1
+            self._tr_loss = torch.tensor(9.0)   # summed since the last log, 2 steps ago: 9 / (1 + 2) = 3
             self.losses = [torch.tensor(2.0), torch.tensor(float("nan")), torch.tensor(float("-inf"))]
 
         def training_step(self, model, inputs, *a, **kw):
