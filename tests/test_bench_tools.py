@@ -56,14 +56,16 @@ def test_answer_habits_count_quote_openings_only_where_no_quotes_were_asked(tmp_
 
 def test_answer_habits_say_where_dpo_differs_from_sft_in_answer_and_in_outcome(tmp_path):
     habits = load("answer_habits")
-    sft = [{"prompt_id": "a", "output": "x", "passed": True, "checks": []},
-           {"prompt_id": "b", "output": "y", "passed": False, "checks": []},
-           {"prompt_id": "c", "output": "z", "passed": False, "checks": []}]
+    sft = [{"prompt_id": "a", "output": "x", "passed": True, "checks": [], "category": "length"},
+           {"prompt_id": "b", "output": "y", "passed": False, "checks": [], "category": "length"},
+           {"prompt_id": "c", "output": "z", "passed": False, "checks": [], "category": "math"}]
     dpo = [dict(sft[0], output="x2"), dict(sft[1], output="y2", passed=True), sft[2]]
     for name, rows in (("sft", sft), ("dpo", dpo)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows}))
     body = habits.summary(tmp_path)
-    assert body["dpo"]["against_sft"] == {"items": 3, "answer_differs": 2, "outcome_differs": 1}
+    assert body["dpo"]["against_sft"] == {"items": 3, "answer_differs": 2, "outcome_differs": 1, "by_category": {
+        "length": {"items": 2, "passed": 2, "reference_passed": 1}, "math": {"items": 1, "passed": 0,
+                                                                          "reference_passed": 0}}}
     assert "against_sft" not in body["sft"]
 
 
@@ -132,3 +134,18 @@ def test_trace_gaps_follow_the_thread_that_launched_the_work(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps(events))
     rows = tg.summary(tmp_path / "t.json", min_us=5).splitlines()[2:]
     assert rows == ["    0.3      1  liger_kernel/ops/rope.py(3): rope_backward"]   # 30 -> 330, not "backward"
+
+
+def test_answer_habits_sum_dpos_gains_per_category_across_runs(tmp_path):
+    habits = load("answer_habits")
+    files = []
+    for i, (p, r) in enumerate(((2, 1), (1, 1), (3, 1))):
+        f = tmp_path / f"run{i}.json"
+        f.write_text(json.dumps({"dpo": {"against_sft": {"by_category": {
+            "startend": {"items": 8, "passed": p, "reference_passed": r},
+            "length": {"items": 4, "passed": 0, "reference_passed": 1}}}}}))
+        files.append(f)
+    got = habits.across(files)["by_category"]
+    assert list(got) == ["length", "startend"]   # the largest loss first
+    assert got["startend"] == {"items": 24, "passed": 6, "reference_passed": 3, "gain_per_run": [1, 0, 2]}
+    assert got["length"]["gain_per_run"] == [-1, -1, -1]
