@@ -104,4 +104,7 @@ def test_keep_copies_the_files_the_record_came_from(run_tree, tmp_path):
     assert read_json(tmp_path / "kept" / "quality_NVIDIA_H200.json") == record
     habits = read_json(tmp_path / "kept" / "answer_habits.json")
     assert habits["sft"] == {"items": 3, "opens_with_quote": 0}
-    assert habits["dpo"]["against_sft"] == {"items": 3, "answer_differs": 0, "outcome_differs": 0}
+    against = habits["dpo"]["against_sft"]
+    assert {k: against[k] for k in ("items", "answer_differs", "outcome_differs")} == {
+        "items": 3, "answer_differs": 0, "outcome_differs": 0}
+    assert against["by_category"]["format"]["items"] == 3
