@@ -61,7 +61,10 @@ def across(habit_files: list[Path]) -> dict:
     listed too): a category that moves the same way in most runs is a habit of the recipe, not chance."""
     total: dict = {}
     for f in habit_files:
-        by_category = read_json(f, "bench/answer_habits.py")["dpo"]["against_sft"]["by_category"]
+        by_category = read_json(f, "bench/answer_habits.py").get("dpo", {}).get("against_sft", {}).get("by_category")
+        if by_category is None:
+            raise SystemExit(f"answer_habits: {f} has no dpo.against_sft.by_category (run answer_habits.py on the "
+                             "run's benchmark folder again)")
         for cat, c in by_category.items():
             t = total.setdefault(cat, {"items": 0, "passed": 0, "reference_passed": 0, "gain_per_run": []})
             for k in ("items", "passed", "reference_passed"):

@@ -149,3 +149,6 @@ def test_answer_habits_sum_dpos_gains_per_category_across_runs(tmp_path):
     assert list(got) == ["length", "startend"]   # the largest loss first
     assert got["startend"] == {"items": 24, "passed": 6, "reference_passed": 3, "gain_per_run": [1, 0, 2]}
     assert got["length"]["gain_per_run"] == [-1, -1, -1]
+    (tmp_path / "old.json").write_text(json.dumps({"dpo": {"against_sft": {"items": 3}}}))
+    with pytest.raises(SystemExit, match="old.json has no dpo.against_sft.by_category"):
+        habits.across([tmp_path / "old.json"])
