@@ -14,17 +14,9 @@ from sitlib import stalls, training
 from sitlib.artifacts import write_jsonl
 from sitlib.models import load_model, load_tokenizer, lora_config
 
-from test_training import _session
+from test_training import _pairs_of_varied_length, _session
 
 TRACK = transformers.Trainer._track_num_input_tokens   # the Trainer's own count (through the device)
-
-
-def _pairs():
-    words = "one two three four five six seven eight nine ten".split()
-    return [{"prompt": [{"role": "user", "content": f"Say {w}."}],
-             "chosen": [{"role": "assistant", "content": " ".join(words[:1 + i % 10])}],
-             "rejected": [{"role": "assistant", "content": " ".join(words[:1 + (3 * i) % 10])}]}
-            for i, w in enumerate(words * 2)]
 
 
 def _run(S, tmp_path, tiny_model_dir, stage: str, monkeypatch):
@@ -73,8 +65,8 @@ def test_unstalled_trainers_count_the_same_tokens_and_flops_without_the_slow_pat
                                                                                   monkeypatch, stage):
     S = _session(tmp_path, tiny_model_dir, **{"dpo.batch_size": 2, "dpo.gradient_accumulation": 2,
                                               "sft.gradient_accumulation": 2, "sft.batch_size": 2})
-    write_jsonl(S.paths.data_preference / "dpo_train.jsonl", _pairs()[:16])
-    write_jsonl(S.paths.data_preference / "dpo_val.jsonl", _pairs()[16:])
+    write_jsonl(S.paths.data_preference / "dpo_train.jsonl", _pairs_of_varied_length()[:16])
+    write_jsonl(S.paths.data_preference / "dpo_val.jsonl", _pairs_of_varied_length()[16:])
     fast_state, fast_losses, fast_calls, trainer = _run(S, tmp_path, tiny_model_dir, stage, monkeypatch)
     assert type(trainer).__mro__[1].__name__.startswith("Unstalled")
     assert not trainer.args.logging_nan_inf_filter and trainer._nan_filter   # applied on the GPU side instead

@@ -294,17 +294,22 @@ def test_padded_batches_round_up_to_64_tokens_on_a_gpu_only(tmp_path, tiny_model
     assert batch["input_ids"].shape[1] == 64 and batch["attention_mask"].sum() < batch["attention_mask"].numel()
 
 
+def _pairs_of_varied_length() -> list[dict]:
+    """20 preference pairs whose answers run from one to ten words."""
+    words = "one two three four five six seven eight nine ten".split()
+    return [{"prompt": [{"role": "user", "content": f"Say {w}."}],
+             "chosen": [{"role": "assistant", "content": " ".join(words[:1 + i % 10])}],
+             "rejected": [{"role": "assistant", "content": " ".join(words[:1 + (3 * i) % 10])}]}
+            for i, w in enumerate(words * 2)]
+
+
 def test_dpo_batches_group_pairs_by_their_padded_length(tmp_path, tiny_model_dir):
     """transformers' length grouping needs an input_ids column, which tokenized DPO pairs lack: the sampler must
     measure each pair as prompt + longer answer, and one epoch must still visit every pair once."""
     from peft import get_peft_model
 
     S = _session(tmp_path, tiny_model_dir, **{"dpo.batch_size": 2, "dpo.gradient_accumulation": 2})
-    words = "one two three four five six seven eight nine ten".split()
-    pairs = [{"prompt": [{"role": "user", "content": f"Say {w}."}],
-              "chosen": [{"role": "assistant", "content": " ".join(words[:1 + i % 10])}],
-              "rejected": [{"role": "assistant", "content": " ".join(words[:1 + (3 * i) % 10])}]}
-             for i, w in enumerate(words * 2)]
+    pairs = _pairs_of_varied_length()
     write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:16])
     write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[16:])
     tok = load_tokenizer(str(tiny_model_dir))
