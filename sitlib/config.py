@@ -142,6 +142,10 @@ class PromptTuningConfig:
 class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"   # any of TRL's DPO loss types
+    # > 0 adds TRL's "sft" loss (NLL of the chosen answer) with this weight, as RPO does: the chosen answers' own
+    # likelihood is held up while the margin grows, instead of both falling
+    sft_weight: float = 0.0
+    ld_alpha: Optional[float] = None   # LD-DPO: weight of the tokens past the shorter answer's length (1 = plain DPO)
     pairs: str = "all"           # "constraint_check": only the pairs of checked pass → chosen, fail → rejected
     learning_rate: float = 5e-6
     epochs: float = 1.0
@@ -330,6 +334,7 @@ _DEVICES = ((lambda v: v == "auto" or (isinstance(v, int) and v >= 1) or
              (isinstance(v, list) and bool(v) and all(isinstance(d, str) for d in v))),
             "'auto', a number of devices ≥ 1, or a list such as ['cuda:0', 'cuda:1']")
 _PENALTY = (lambda v: v is None or v > 0), "null (by model) or > 0"
+_UNIT_OR_NULL = (lambda v: v is None or 0 <= v <= 1), "null (plain DPO) or in [0, 1]"
 _TRAINING = ("sft", "prompt_tuning", "dpo")
 # key → (test, allowed range as the error states it); `*` stands for each training section
 RANGES = {
@@ -357,7 +362,8 @@ RANGES = {
     "preference.pairs_per_prompt": _at_least(1),
     "lora.r": _at_least(1), "lora.alpha": _above(0), "lora.dropout": _between(0, 1, lo_open=False),
     "prompt_tuning.num_virtual_tokens": _at_least(1), "prompt_tuning.init": _one_of("text", "random"),
-    "dpo.beta": _above(0), "dpo.pairs": _one_of("all", "constraint_check", "score"),
+    "dpo.beta": _above(0), "dpo.sft_weight": _at_least(0), "dpo.ld_alpha": _UNIT_OR_NULL,
+    "dpo.pairs": _one_of("all", "constraint_check", "score"),
     "sft.rows": _one_of("all", "constrained"), "prompt_tuning.rows": _one_of("all", "constrained"),
     "*.epochs": _above(0), "*.learning_rate": _above(0), "*.batch_size": _at_least(1),
     "*.gradient_accumulation": _at_least(1), "*.warmup_ratio": _between(0, 1, lo_open=False),

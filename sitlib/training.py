@@ -239,7 +239,10 @@ def dpo_args(session, ckpt_dir: Path):
     d, prof = session.config.dpo, session.profile
     # TRL 1.16 turns DPO's padding_free off, so pairs of like length share batches (less padding to each batch's
     # longest pair); Liger's layer kernels (RMSNorm, RoPE, SwiGLU) as for SFT: TRL keeps its own fused LM head
-    return DPOConfig(**common_args(d, session, ckpt_dir, padding_free=False), beta=d.beta, loss_type=[d.loss_type],
+    losses = {"loss_type": [d.loss_type]}
+    if d.sft_weight > 0:
+        losses = {"loss_type": [d.loss_type, "sft"], "loss_weights": [1.0, d.sft_weight]}
+    return DPOConfig(**common_args(d, session, ckpt_dir, padding_free=False), beta=d.beta, ld_alpha=d.ld_alpha, **losses,
                      train_sampling_strategy="group_by_length", use_liger_kernel=prof.liger and liger_available(),
                      pad_to_multiple_of=pad_multiple(prof))
 

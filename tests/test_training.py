@@ -364,6 +364,46 @@ def test_args_come_from_the_resolved_settings(tmp_path, tiny_model_dir):
     assert d.beta == 0.25 and d.learning_rate == S.config.dpo.learning_rate and not d.bf16
 
 
+def _first_dpo_loss(S, tmp_path, tok, train, val, name):
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    policy = get_peft_model(load_model(S.config.models.student, S.profile, for_training=True),
+                            lora_config(S.config.lora))
+    trainer = training.dpo_trainer(policy, training.dpo_args(S, tmp_path / name), train, val, tok)
+    trainer.args.max_steps = 1
+    trainer.train()
+    return next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+
+
+def test_dpo_sft_weight_adds_the_chosen_answers_nll_and_ld_alpha_reaches_trl(tmp_path, tiny_model_dir):
+    """dpo.sft_weight > 0 is RPO: TRL's "sft" loss (the chosen answers' NLL, large on a random model) is added with
+    that weight; dpo.ld_alpha goes to TRL as LD-DPO's α; out of range is a config error naming the key."""
+    plain = _session(tmp_path / "a", tiny_model_dir, **{"dpo.logging_steps": 1})
+    d = training.dpo_args(plain, tmp_path / "ck")
+    assert d.loss_type == ["sigmoid"] and d.ld_alpha is None
+    rpo = _session(tmp_path / "b", tiny_model_dir, **{"dpo.sft_weight": 0.5, "dpo.ld_alpha": 0.3})
+    d = training.dpo_args(rpo, tmp_path / "ck")
+    assert d.loss_type == ["sigmoid", "sft"] and d.loss_weights == [1.0, 0.5] and d.ld_alpha == 0.3
+    with pytest.raises(ConfigError, match="dpo.ld_alpha"):
+        _session(tmp_path / "c", tiny_model_dir, **{"dpo.ld_alpha": 1.5})
+    with pytest.raises(ConfigError, match="dpo.sft_weight"):
+        _session(tmp_path / "d", tiny_model_dir, **{"dpo.sft_weight": -1})
+    pairs = _pairs_of_varied_length()
+    for S in (plain, rpo):
+        write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:8])
+        write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[8:10])
+    tok = load_tokenizer(str(tiny_model_dir))
+    rpo_sft_only = _session(tmp_path / "e", tiny_model_dir, **{"dpo.sft_weight": 0.5})
+    losses = {}
+    for name, S in (("plain", plain), ("rpo", rpo_sft_only)):
+        train, val = training.preference_split(plain)
+        losses[name] = _first_dpo_loss(S, tmp_path, tok, train, val, name)
+    # step 1: policy == reference, so the DPO term is log 2 for both; RPO adds 0.5 × NLL (≈ ln vocab on random weights)
+    assert losses["plain"] == pytest.approx(0.6931, abs=1e-3)
+    assert losses["rpo"] - losses["plain"] > 0.5 * 3
+
+
 class OomAtStep(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step == 1:
