@@ -615,13 +615,14 @@ def main() -> None:
             else:
                 res[v] = guarded(runs[v])
             print(v, json.dumps(res[v]), flush=True)
-            record("sft", res, a.out)      # after every variant: a run cut short keeps what it measured
+            # after every variant: a run cut short keeps what it measured
+            record("sft", {**res, "log_steps": a.log_steps}, a.out)
         if "sitlib" in res and "sitlib_plain" in res and res["sitlib"].get("losses"):
             pairs = list(zip(res["sitlib"]["losses"], res["sitlib_plain"]["losses"]))
             res["sitlib_loss_max_rel_diff_vs_plain"] = round(max(abs(x - y) / abs(y) for x, y in pairs), 4)
         for k in ("stock_best", "seed_recipe", "sitlib_peft_lora", "sitlib_stalled"):
             ratio_over(res, k)
-        record("sft", res, a.out)
+        record("sft", {**res, "log_steps": a.log_steps}, a.out)
 
     if "dpo" in sections:
         res = {"sitlib": guarded(lambda: dpo_sitlib(fast, steps, n_params, a.warm, profile=True))}
@@ -637,7 +638,7 @@ def main() -> None:
         else:
             res["seed_recipe"] = {"skipped": "not in --variants"}
         ratio_over(res, "seed_recipe")
-        record("dpo", res, a.out)
+        record("dpo", {**res, "log_steps": a.log_steps}, a.out)
 
     if "prompt_tuning" in sections:
         res = {"sitlib": guarded(lambda: sft_sitlib(fast, steps, n_params, a.warm, section="prompt_tuning",
@@ -649,7 +650,7 @@ def main() -> None:
                if "seed_recipe" in a.variants.split(",") else {"skipped": "not in --variants"}}
         for name in ("seed_recipe", "sitlib_stalled", "sitlib_repeat_kv"):
             ratio_over(res, name)
-        record("prompt_tuning", res, a.out)
+        record("prompt_tuning", {**res, "log_steps": a.log_steps}, a.out)
 
 
 ARGS = None
