@@ -143,7 +143,7 @@ class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"   # any of TRL's DPO loss types
     # > 0 adds TRL's "sft" loss (NLL of the chosen answer) with this weight, as RPO does: the chosen answers' own
-    # likelihood is held up while the margin grows, instead of both falling
+    # likelihood is trained along with the margin
     sft_weight: float = 0.0
     ld_alpha: Optional[float] = None   # LD-DPO: weight of the tokens past the shorter answer's length (1 = plain DPO)
     pairs: str = "all"           # "constraint_check": only the pairs of checked pass → chosen, fail → rejected

@@ -242,9 +242,9 @@ def dpo_args(session, ckpt_dir: Path):
     losses = {"loss_type": [d.loss_type]}
     if d.sft_weight > 0:
         losses = {"loss_type": [d.loss_type, "sft"], "loss_weights": [1.0, d.sft_weight]}
-    return DPOConfig(**common_args(d, session, ckpt_dir, padding_free=False), beta=d.beta, ld_alpha=d.ld_alpha, **losses,
-                     train_sampling_strategy="group_by_length", use_liger_kernel=prof.liger and liger_available(),
-                     pad_to_multiple_of=pad_multiple(prof))
+    return DPOConfig(**common_args(d, session, ckpt_dir, padding_free=False), beta=d.beta, ld_alpha=d.ld_alpha,
+                     **losses, train_sampling_strategy="group_by_length",
+                     use_liger_kernel=prof.liger and liger_available(), pad_to_multiple_of=pad_multiple(prof))
 
 
 # Padded batches (DPO, prompt tuning) on a GPU are padded to a multiple of this many tokens, and where they run

@@ -379,7 +379,7 @@ def _first_dpo_loss(S, tmp_path, tok, train, val, name):
 def test_dpo_sft_weight_adds_the_chosen_answers_nll_and_ld_alpha_reaches_trl(tmp_path, tiny_model_dir):
     """dpo.sft_weight > 0 is RPO: TRL's "sft" loss (the chosen answers' NLL, large on a random model) is added with
     that weight; dpo.ld_alpha goes to TRL as LD-DPO's α; out of range is a config error naming the key."""
-    plain = _session(tmp_path / "a", tiny_model_dir, **{"dpo.logging_steps": 1})
+    plain = _session(tmp_path / "a", tiny_model_dir)
     d = training.dpo_args(plain, tmp_path / "ck")
     assert d.loss_type == ["sigmoid"] and d.ld_alpha is None
     rpo = _session(tmp_path / "b", tiny_model_dir, **{"dpo.sft_weight": 0.5, "dpo.ld_alpha": 0.3})
@@ -390,15 +390,13 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll_and_ld_alpha_reaches_trl(tmp
     with pytest.raises(ConfigError, match="dpo.sft_weight"):
         _session(tmp_path / "d", tiny_model_dir, **{"dpo.sft_weight": -1})
     pairs = _pairs_of_varied_length()
-    for S in (plain, rpo):
-        write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:8])
-        write_jsonl(S.paths.data_preference / "dpo_val.jsonl", pairs[8:10])
+    write_jsonl(plain.paths.data_preference / "dpo_train.jsonl", pairs[:8])
+    write_jsonl(plain.paths.data_preference / "dpo_val.jsonl", pairs[8:10])
+    train, val = training.preference_split(plain)
     tok = load_tokenizer(str(tiny_model_dir))
     rpo_sft_only = _session(tmp_path / "e", tiny_model_dir, **{"dpo.sft_weight": 0.5})
-    losses = {}
-    for name, S in (("plain", plain), ("rpo", rpo_sft_only)):
-        train, val = training.preference_split(plain)
-        losses[name] = _first_dpo_loss(S, tmp_path, tok, train, val, name)
+    losses = {name: _first_dpo_loss(S, tmp_path, tok, train, val, name)
+              for name, S in (("plain", plain), ("rpo", rpo_sft_only))}
     # step 1: policy == reference, so the DPO term is log 2 for both; RPO adds 0.5 × NLL (≈ ln vocab on random weights)
     assert losses["plain"] == pytest.approx(0.6931, abs=1e-3)
     assert losses["rpo"] - losses["plain"] > 0.5 * 3
