@@ -107,10 +107,10 @@ def check_notebook_params(stages: list[str], params: list[tuple[str, object]]) -
 
 
 def run_stages(args, stages: list[str]) -> int:
-    from .pipeline import run_pipeline
+    from .pipeline import run_pipeline, series_order
     from .runtime import resolve_output_dir
 
-    validate(args)
+    stages = series_order(stages, validate(args).preference.candidate_source)
     check_notebook_params(stages, args.param)
     out = resolve_output_dir(args.output_dir)
     check_writable(out)

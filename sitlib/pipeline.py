@@ -48,6 +48,16 @@ def parse_stages(text: Optional[str]) -> list[str]:
     return sorted(stages, key=STAGES.index)
 
 
+def series_order(stages: list[str], candidate_source: str) -> list[str]:
+    """The stages in the series' order, except that 04 runs right after 05 when the SFT model writes 04's candidates
+    (`preference.candidate_source: sft`): 04 reads the SFT adapter."""
+    if candidate_source != "sft" or "04" not in stages or "05" not in stages:
+        return stages
+    rest = [s for s in stages if s != "04"]
+    rest.insert(rest.index("05") + 1, "04")
+    return rest
+
+
 def build_parameters(profile: str, output_dir: Path, config_path: Optional[str], params: dict) -> dict:
     """UPPER_CASE keys are notebook parameters; dotted keys (sft.epochs=1) become config OVERRIDES."""
     out = {"PROFILE": profile, "OUTPUT_DIR": str(output_dir), "OVERRIDES": {}}

@@ -22,6 +22,20 @@ def test_parse_stages_orders_and_rejects():
         pipeline.parse_stages("10")
 
 
+def test_sft_written_candidates_put_04_after_05(monkeypatch, tmp_path):
+    """With preference.candidate_source: sft, 04 reads the SFT adapter: the series runs 05 before it."""
+    assert pipeline.series_order(["01", "04", "05", "06"], "sft") == ["01", "05", "04", "06"]
+    assert pipeline.series_order(["01", "04", "05", "06"], "teacher") == ["01", "04", "05", "06"]
+    assert pipeline.series_order(["04", "06"], "sft") == ["04", "06"]   # 04 alone: it names 05 if that is missing
+    ran = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda stages, *a, **k: ran.append(stages) or tmp_path)
+    out = str(tmp_path / "out")
+    assert cli.run(["pipeline", "--stages", "03,04,05,05b", "--output-dir", out, "--profile", "cpu",
+                    "-p", "preference.candidate_source=sft"]) == 0
+    assert cli.run(["pipeline", "--stages", "03,04,05,05b", "--output-dir", out, "--profile", "cpu"]) == 0
+    assert ran == [["03", "05", "04", "05b"], ["03", "04", "05", "05b"]]
+
+
 def test_parameters_split_dotted_overrides():
     p = pipeline.build_parameters("cpu", "/o", None, {"sft.epochs": 1, "ALLOW_MISSING": True})
     assert p == {"PROFILE": "cpu", "OUTPUT_DIR": "/o", "OVERRIDES": {"sft.epochs": 1}, "ALLOW_MISSING": True}
