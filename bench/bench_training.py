@@ -529,6 +529,11 @@ def set_trl(args) -> None:
         setattr(args, key, value)
 
 
+def save(section: str, res: dict) -> None:
+    """record() a section's results with the log interval they were timed at."""
+    record(section, {**res, "log_steps": ARGS.log_steps}, ARGS.out)
+
+
 def ratio_over(res: dict, name: str) -> None:
     """res["sitlib_over_<name>"]: sitlib's real tok/s over variant `name`'s, where both ran."""
     if res.get(name, {}).get("real_tok_per_s") and res.get("sitlib", {}).get("real_tok_per_s"):
@@ -616,13 +621,13 @@ def main() -> None:
                 res[v] = guarded(runs[v])
             print(v, json.dumps(res[v]), flush=True)
             # after every variant: a run cut short keeps what it measured
-            record("sft", {**res, "log_steps": a.log_steps}, a.out)
+            save("sft", res)
         if "sitlib" in res and "sitlib_plain" in res and res["sitlib"].get("losses"):
             pairs = list(zip(res["sitlib"]["losses"], res["sitlib_plain"]["losses"]))
             res["sitlib_loss_max_rel_diff_vs_plain"] = round(max(abs(x - y) / abs(y) for x, y in pairs), 4)
         for k in ("stock_best", "seed_recipe", "sitlib_peft_lora", "sitlib_stalled"):
             ratio_over(res, k)
-        record("sft", {**res, "log_steps": a.log_steps}, a.out)
+        save("sft", res)
 
     if "dpo" in sections:
         res = {"sitlib": guarded(lambda: dpo_sitlib(fast, steps, n_params, a.warm, profile=True))}
@@ -638,7 +643,7 @@ def main() -> None:
         else:
             res["seed_recipe"] = {"skipped": "not in --variants"}
         ratio_over(res, "seed_recipe")
-        record("dpo", {**res, "log_steps": a.log_steps}, a.out)
+        save("dpo", res)
 
     if "prompt_tuning" in sections:
         res = {"sitlib": guarded(lambda: sft_sitlib(fast, steps, n_params, a.warm, section="prompt_tuning",
@@ -650,7 +655,7 @@ def main() -> None:
                if "seed_recipe" in a.variants.split(",") else {"skipped": "not in --variants"}}
         for name in ("seed_recipe", "sitlib_stalled", "sitlib_repeat_kv"):
             ratio_over(res, name)
-        record("prompt_tuning", {**res, "log_steps": a.log_steps}, a.out)
+        save("prompt_tuning", res)
 
 
 ARGS = None
