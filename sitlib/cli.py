@@ -33,7 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="output tree (default: SIT_OUTPUT_DIR, Drive on Colab, ./outputs)")
     p.add_argument("--config", default=None, help="config JSON (default: the repo's config.json)")
     p.add_argument("-p", "--param", action="append", type=_kv, default=[],
-                   help="dotted config key (-p sft.epochs=1) or UPPER_CASE notebook parameter (-p MAX_STEPS=4)")
+                   help="config key (-p sft.epochs=1, -p seed=7) or UPPER_CASE notebook parameter (-p MAX_STEPS=4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_params(params: list[tuple[str, object]]) -> None:
     for key, _ in params:
-        if "." not in key and not key.isupper():
-            raise ConfigError(f"-p {key}: expected a dotted config key (sft.epochs=1) or an UPPER_CASE notebook "
-                              "parameter (MAX_STEPS=4)")
+        if not key.islower() and not key.isupper():
+            raise ConfigError(f"-p {key}: expected a lower-case config key (seed=7, sft.epochs=1) or an UPPER_CASE "
+                              "notebook parameter (MAX_STEPS=4)")
 
 
 def validate(args) -> object:
@@ -74,7 +74,7 @@ def validate(args) -> object:
     if args.profile != "auto" and args.profile not in known:
         raise ConfigError(f"--profile {args.profile!r}: expected auto or one of {', '.join(known)}")
     prof = hardware.PROFILES.get(args.profile)
-    return load_config(args.config, prof.overrides if prof else None, {k: v for k, v in args.param if "." in k})
+    return load_config(args.config, prof.overrides if prof else None, {k: v for k, v in args.param if k.islower()})
 
 
 def check_writable(folder: Path, what: str = "output directory") -> None:
@@ -94,7 +94,7 @@ def check_notebook_params(stages: list[str], params: list[tuple[str, object]]) -
 
     from .pipeline import notebook_for
 
-    upper = [k for k, _ in params if "." not in k]
+    upper = [k for k, _ in params if k.isupper()]
     if not upper:
         return
     names = set()

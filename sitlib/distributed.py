@@ -483,7 +483,7 @@ def build_parser():
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--config", default=None)
     ap.add_argument("-p", "--param", action="append", type=kv, default=[],
-                    help="dotted config key or notebook parameter, e.g. -p sft.epochs=1 (repeatable)")
+                    help="config key or notebook parameter, e.g. -p sft.epochs=1 -p seed=7 (repeatable)")
     return ap
 
 

@@ -59,12 +59,12 @@ def series_order(stages: list[str], candidate_source: str) -> list[str]:
 
 
 def build_parameters(profile: str, output_dir: Path, config_path: Optional[str], params: dict) -> dict:
-    """UPPER_CASE keys are notebook parameters; dotted keys (sft.epochs=1) become config OVERRIDES."""
+    """UPPER_CASE keys are notebook parameters; lower-case keys (sft.epochs=1, seed=7) become config OVERRIDES."""
     out = {"PROFILE": profile, "OUTPUT_DIR": str(output_dir), "OVERRIDES": {}}
     if config_path:
         out["CONFIG_PATH"] = str(Path(config_path).resolve())
     for key, value in params.items():
-        if "." in key:
+        if key.islower():
             out["OVERRIDES"][key] = value
         else:
             out[key] = value

@@ -36,9 +36,19 @@ def test_sft_written_candidates_put_04_after_05(monkeypatch, tmp_path):
     assert ran == [["03", "05", "04", "05b"], ["03", "04", "05", "05b"]]
 
 
-def test_parameters_split_dotted_overrides():
-    p = pipeline.build_parameters("cpu", "/o", None, {"sft.epochs": 1, "ALLOW_MISSING": True})
-    assert p == {"PROFILE": "cpu", "OUTPUT_DIR": "/o", "OVERRIDES": {"sft.epochs": 1}, "ALLOW_MISSING": True}
+def test_parameters_split_config_overrides_from_notebook_parameters():
+    p = pipeline.build_parameters("cpu", "/o", None, {"sft.epochs": 1, "seed": 7, "ALLOW_MISSING": True})
+    assert p == {"PROFILE": "cpu", "OUTPUT_DIR": "/o", "OVERRIDES": {"sft.epochs": 1, "seed": 7},
+                 "ALLOW_MISSING": True}
+
+
+def test_cli_takes_the_top_level_seed_as_a_config_key(nbdir, monkeypatch, tmp_path):
+    """-p seed=7 (no dot) is the config's seed, not a notebook parameter: it was refused as neither before."""
+    write_nb(nbdir / "05_sft.ipynb", "pass")
+    got = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda stages, out, prof, cfg, params: got.append(params) or tmp_path)
+    assert cli.run(["05", "-p", "seed=7", "--output-dir", str(tmp_path / "out"), "--profile", "cpu"]) == 0
+    assert got == [{"seed": 7}]
 
 
 PARAMS = "PROFILE = 'auto'\nOUTPUT_DIR = None\nCONFIG_PATH = None\nOVERRIDES = {}\nSTEPS = 1"
@@ -100,7 +110,8 @@ def test_cli_user_error_is_one_line_real_bug_keeps_traceback(nbdir, tmp_path, ca
 @pytest.mark.parametrize("argv, words", [
     (["sft", "-p", "lora.r=0"], "lora.r"),
     (["sft", "-p", "sft.epochz=1"], "sft.epochz"),
-    (["sft", "-p", "epochs=1"], "UPPER_CASE"),
+    (["sft", "-p", "epochs=1"], "unknown config key 'epochs'"),
+    (["sft", "-p", "Epochs=1"], "UPPER_CASE"),
     (["sft", "--profile", "tpu"], "--profile 'tpu'"),
 ])
 def test_cli_rejects_bad_input_in_one_line_before_writing(argv, words, tmp_path, capsys):
