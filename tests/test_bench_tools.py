@@ -1,5 +1,6 @@
 """The small bench helpers that read a run: recipe arguments (bench_recipes.py), per-cell seconds (cell_seconds.py),
-answer habits (answer_habits.py) and the device's idle gaps in a profiler trace (trace_gaps.py)."""
+answer habits (answer_habits.py), several quality runs side by side (quality_runs.py) and the device's idle gaps in
+a profiler trace (trace_gaps.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -152,3 +153,40 @@ def test_answer_habits_sum_dpos_gains_per_category_across_runs(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"dpo": {"against_sft": {"items": 3}}}))
     with pytest.raises(SystemExit, match="old.json has no dpo.against_sft.by_category"):
         habits.across([tmp_path / "old.json"])
+
+
+def _quality_run(folder: Path, seed: int, passed: dict, profile: str = "h100") -> Path:
+    """A bench_quality.py --keep folder: its record and 07's answers (two items: one fact, one constrained)."""
+    (folder / "benchmark").mkdir(parents=True)
+    checks = {"fact": [{"type": "answer_number"}], "if": [{"type": "keywords:existence"}]}
+    for v, ok in passed.items():
+        rows = [{"prompt_id": k, "category": "arithmetic" if k == "fact" else "keywords", "checks": checks[k],
+                 "passed": ok[i]} for i, k in enumerate(("fact", "if"))]
+        (folder / "benchmark" / f"{v}.json").write_text(json.dumps({"rows": rows}))
+    gain = lambda v, pts: {"variant": v, "points": pts, "won": 1, "lost": 0, "sign_test_p": 1.0}   # noqa: E731
+    points = {v: 50.0 * (sum(ok) - sum(passed["base"])) for v, ok in passed.items()}
+    record = {"device": "GPU", "profile": profile, "recipe": ["sft.epochs=8", f"seed={seed}"],
+              "counts": {"benchmark_items": 2},
+              "models": {v: {"prompt_level_accuracy": sum(ok) / 2} for v, ok in passed.items()},
+              "versus_base": [gain(v, points[v]) for v in ("sft", "dpo")],
+              "dpo_versus_sft": gain("dpo", points["dpo"] - points["sft"]), "dpo_eval_reward_accuracy": 0.7}
+    (folder / "quality_GPU.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_quality_runs_count_the_targets_per_run_and_split_exact_answers_from_instructions(tmp_path):
+    qr = load("quality_runs")
+    a = _quality_run(tmp_path / "a", 1, {"base": [1, 0], "sft": [0, 1], "dpo": [1, 1]})   # SFT +0, DPO +50 over SFT
+    b = _quality_run(tmp_path / "b", 2, {"base": [1, 0], "sft": [1, 1], "dpo": [1, 1]})   # SFT +50, DPO +0 over SFT
+    got = qr.summarize([a, b])
+    assert got["recipe"] == ["sft.epochs=8"] and [r["seed"] for r in got["runs"].values()] == [1, 2]
+    assert got["targets"] == {"sft_vs_base >= 5": 1, "dpo_vs_sft >= 3": 1, "both": 0, "runs": 2}
+    assert got["range"]["sft_vs_base"] == [0.0, 50.0]
+    assert got["by_kind"]["exact_answer"] == {"items": 1, "base": [1, 1], "sft": [0, 1], "dpo": [1, 1]}
+    assert got["by_kind"]["instruction_following"]["sft"] == [1, 1]
+    assert got["by_category"]["keywords"]["base"] == [0, 0]
+    c = _quality_run(tmp_path / "c", 3, {"base": [1, 0], "sft": [1, 1], "dpo": [1, 1]}, profile="t4")
+    with pytest.raises(qr.BadInputError, match=r"c: profile 't4' differs from the first run's 'h100'"):
+        qr.summarize([a, c])
+    with pytest.raises(qr.BadInputError, match="expected one quality_<device>.json"):
+        qr.summarize([a, tmp_path])
