@@ -36,7 +36,8 @@ def record(run_dir: Path) -> dict:
 
 
 def one_run(q: dict) -> dict:
-    """The run's gains, as 07 counted them on the same items (points, won, lost, sign test p)."""
+    """The run's gains, as 07 counted them on the same items (points, won, lost, sign test p; the targets compare
+    the points as 07 rounds them, to 0.1)."""
     vs_base = {c["variant"]: c for c in q["versus_base"]}
     gain = lambda c: {k: c[k] for k in ("points", "won", "lost", "sign_test_p")}   # noqa: E731
     seeds = [kv.split("=", 1)[1] for kv in q["recipe"] or [] if kv.startswith("seed=")]
@@ -47,7 +48,8 @@ def one_run(q: dict) -> dict:
 
 
 def kind(row: dict) -> str:
-    return "exact_answer" if all(c["type"].startswith("answer_") for c in row["checks"]) else "instruction_following"
+    exact = row["checks"] and all(c["type"].startswith("answer_") for c in row["checks"])
+    return "exact_answer" if exact else "instruction_following"
 
 
 def passes_by(key, run_dirs: list[Path], variants: list[str]) -> dict:
@@ -64,11 +66,16 @@ def passes_by(key, run_dirs: list[Path], variants: list[str]) -> dict:
 
 def shared(q: dict) -> dict:
     return {"device": q["device"], "profile": q["profile"], "items": q["counts"]["benchmark_items"],
-            "recipe": [kv for kv in q["recipe"] or [] if not kv.startswith("seed=")]}
+            "recipe": sorted(kv for kv in q["recipe"] or [] if not kv.startswith("seed="))}
 
 
 def summarize(run_dirs: list[Path], note: str | None = None) -> dict:
+    if len({d.resolve() for d in run_dirs}) < len(run_dirs):
+        raise BadInputError("a run folder is named twice")
     records = {str(d): record(d) for d in run_dirs}
+    for name, q in records.items():
+        if not q.get("dpo_versus_sft") or "dpo_eval_reward_accuracy" not in q:
+            raise BadInputError(f"{name}: no DPO result in its record (a whole series 01-07 is needed)")
     first = shared(next(iter(records.values())))
     for name, q in records.items():
         for key in SHARED:
@@ -76,6 +83,10 @@ def summarize(run_dirs: list[Path], note: str | None = None) -> dict:
                 raise BadInputError(f"{name}: {key} {shared(q)[key]!r} differs from the first run's {first[key]!r}")
     runs = {name: one_run(q) for name, q in records.items()}
     variants = list(next(iter(runs.values()))["accuracy"])
+    kinds = passes_by(kind, run_dirs, variants)
+    if sum(k["items"] for k in kinds.values()) != first["items"]:
+        raise BadInputError(f"{run_dirs[0]}/benchmark: {sum(k['items'] for k in kinds.values())} items, its record "
+                            f"says {first['items']}")
     gains = ("sft_vs_base", "dpo_vs_base", "dpo_vs_sft")
     return {**first, "runs": runs,
             "range": {g: [min(r[g]["points"] for r in runs.values()), max(r[g]["points"] for r in runs.values())]
@@ -84,7 +95,7 @@ def summarize(run_dirs: list[Path], note: str | None = None) -> dict:
             | {"both": sum(all(r[g]["points"] >= t for g, t in TARGETS.items()) for r in runs.values()),
                "runs": len(runs)},
             "by_category": passes_by(lambda row: row["category"], run_dirs, variants),
-            "by_kind": passes_by(kind, run_dirs, variants),
+            "by_kind": kinds,
             "note": note}
 
 

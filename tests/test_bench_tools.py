@@ -158,13 +158,13 @@ def test_answer_habits_sum_dpos_gains_per_category_across_runs(tmp_path):
 def _quality_run(folder: Path, seed: int, passed: dict, profile: str = "h100") -> Path:
     """A bench_quality.py --keep folder: its record and 07's answers (two items: one fact, one constrained)."""
     (folder / "benchmark").mkdir(parents=True)
-    checks = {"fact": [{"type": "answer_number"}], "if": [{"type": "keywords:existence"}]}
+    checks = {"fact": [{"type": "answer_number"}], "if": [{"type": "answer_number"}, {"type": "keywords:existence"}]}
     for v, ok in passed.items():
         rows = [{"prompt_id": k, "category": "arithmetic" if k == "fact" else "keywords", "checks": checks[k],
                  "passed": ok[i]} for i, k in enumerate(("fact", "if"))]
         (folder / "benchmark" / f"{v}.json").write_text(json.dumps({"rows": rows}))
     gain = lambda v, pts: {"variant": v, "points": pts, "won": 1, "lost": 0, "sign_test_p": 1.0}   # noqa: E731
-    points = {v: 50.0 * (sum(ok) - sum(passed["base"])) for v, ok in passed.items()}
+    points = {v: 5.0 * (sum(ok) - sum(passed["base"])) for v, ok in passed.items()}   # the targets' edges
     record = {"device": "GPU", "profile": profile, "recipe": ["sft.epochs=8", f"seed={seed}"],
               "counts": {"benchmark_items": 2},
               "models": {v: {"prompt_level_accuracy": sum(ok) / 2} for v, ok in passed.items()},
@@ -181,12 +181,14 @@ def test_quality_runs_count_the_targets_per_run_and_split_exact_answers_from_ins
     got = qr.summarize([a, b])
     assert got["recipe"] == ["sft.epochs=8"] and [r["seed"] for r in got["runs"].values()] == [1, 2]
     assert got["targets"] == {"sft_vs_base >= 5": 1, "dpo_vs_sft >= 3": 1, "both": 0, "runs": 2}
-    assert got["range"]["sft_vs_base"] == [0.0, 50.0]
+    assert got["range"] == {"sft_vs_base": [0.0, 5.0], "dpo_vs_base": [5.0, 5.0], "dpo_vs_sft": [0.0, 5.0]}
+    assert got["runs"][str(a)]["accuracy"] == {"base": 0.5, "sft": 0.5, "dpo": 1.0}
     assert got["by_kind"]["exact_answer"] == {"items": 1, "base": [1, 1], "sft": [0, 1], "dpo": [1, 1]}
     assert got["by_kind"]["instruction_following"]["sft"] == [1, 1]
     assert got["by_category"]["keywords"]["base"] == [0, 0]
     c = _quality_run(tmp_path / "c", 3, {"base": [1, 0], "sft": [1, 1], "dpo": [1, 1]}, profile="t4")
     with pytest.raises(qr.BadInputError, match=r"c: profile 't4' differs from the first run's 'h100'"):
         qr.summarize([a, c])
-    with pytest.raises(qr.BadInputError, match="expected one quality_<device>.json"):
-        qr.summarize([a, tmp_path])
+    for runs, why in (([a, tmp_path], "expected one quality_<device>.json"), ([a, a], "named twice")):
+        with pytest.raises(qr.BadInputError, match=why):
+            qr.summarize(runs)
