@@ -115,6 +115,10 @@ class SFTConfig:
     optimizer: str = "adamw_torch"
     sample_prompts: int = 3
     rows: str = "all"   # "constrained": only the rows whose answer passed its checked constraints
+    # > 1: a constrained training row also trains on up to this many of its teacher's answers that passed the code
+    # checks and 03's rules (distinct texts; rejection-sampling fine-tuning): more checked data from the samples
+    # 02 already paid for. The held-out rows keep one answer each.
+    answers_per_row: int = 1
     # > 0: TRL packs whole rows into sequences of at most this many tokens (best-fit decreasing) and batch_size
     # counts those sequences: every micro-batch then holds about the same tokens, so its memory is known.
     # Needs a padding-free profile (rows keep their boundaries through varlen attention).
@@ -364,7 +368,8 @@ RANGES = {
     "prompt_tuning.num_virtual_tokens": _at_least(1), "prompt_tuning.init": _one_of("text", "random"),
     "dpo.beta": _above(0), "dpo.sft_weight": _at_least(0), "dpo.ld_alpha": _UNIT_OR_NULL,
     "dpo.pairs": _one_of("all", "constraint_check", "score"),
-    "sft.rows": _one_of("all", "constrained"), "prompt_tuning.rows": _one_of("all", "constrained"),
+    "sft.rows": _one_of("all", "constrained"), "sft.answers_per_row": _at_least(1),
+    "prompt_tuning.rows": _one_of("all", "constrained"),
     "*.epochs": _above(0), "*.learning_rate": _above(0), "*.batch_size": _at_least(1),
     "*.gradient_accumulation": _at_least(1), "*.warmup_ratio": _between(0, 1, lo_open=False),
     "*.max_steps": _STEPS, "*.logging_steps": _at_least(1), "*.save_steps": _at_least(1),

@@ -265,9 +265,25 @@ def strip_added(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("quality_score", "reasons")}
 
 
-def to_sft(row: dict) -> dict:
+def other_passing_answers(row: dict, cfg: FilterConfig) -> list[str]:
+    """A kept constrained row's other samples that passed every check, ended on EOS and pass 03's rules as its kept
+    answer did, distinct texts in sample order: the further answers sft.answers_per_row trains on. A repaired
+    row has none (no sample passed)."""
+    seen, out = {normalise(row_texts(row)[1])}, []
+    for s in row.get("samples") or []:
+        if not (s["pass"] and s["ended"]) or normalise(s["text"]) in seen:
+            continue
+        if rule_reasons({**row, "response": s["text"], "response_complete": True}, cfg):
+            continue
+        seen.add(normalise(s["text"]))
+        out.append(s["text"])
+    return out
+
+
+def to_sft(row: dict, cfg: Optional[FilterConfig] = None) -> dict:
     """TRL's prompt/completion row. A constrained row carries its constraints and the teacher's answers that
-    failed them (04 uses those as `rejected`)."""
+    failed them (04 uses those as `rejected`); with `cfg`, also its other answers that passed
+    (other_passing_answers: `passed_answers`, read by 05 under sft.answers_per_row)."""
     inst, resp = row_texts(row)
     out = {"id": row.get("id"), "prompt": [{"role": "user", "content": inst}],
            "completion": [{"role": "assistant", "content": resp}], "quality_score": row["quality_score"]}
@@ -277,12 +293,14 @@ def to_sft(row: dict) -> dict:
         out["failed_answers"] = [s["text"] for s in row.get("samples", []) if not s["pass"]]
         if row.get("repaired"):   # the kept answer is a sample edited by code (generation.constraint_repair)
             out["repaired"] = True
+        elif cfg is not None:
+            out["passed_answers"] = other_passing_answers(row, cfg)
     return out
 
 
 def split(kept: list[dict], cfg: FilterConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """Top `target_count` by score, shuffled with the seed, then a val_fraction split (at least one val row)."""
-    chosen = [to_sft(r) for r in kept[: cfg.target_count]]
+    chosen = [to_sft(r, cfg) for r in kept[: cfg.target_count]]
     random.Random(seed).shuffle(chosen)
     n_val = max(1, round(len(chosen) * cfg.val_fraction)) if len(chosen) > 1 else 0
     return chosen[n_val:], chosen[:n_val]
@@ -305,7 +323,9 @@ def write_splits(session, train: list[dict], val: list[dict], rejected: list[dic
 
     p = session.paths
     stats = {**stats, "sft_train": len(train), "sft_val": len(val),
-             "constrained_kept": sum(bool(r.get("constraints")) for r in train + val)}
+             "constrained_kept": sum(bool(r.get("constraints")) for r in train + val),
+             # further checked answers of the training rows (05 trains on them under sft.answers_per_row > 1)
+             "passed_answers_train": sum(len(r.get("passed_answers", ())) for r in train)}
     write_jsonl(p.data_filtered / "sft_train.jsonl", train)
     write_jsonl(p.data_filtered / "sft_val.jsonl", val)
     write_jsonl(p.data_filtered / "rejected.jsonl", rejected)

@@ -85,7 +85,23 @@ def sft_rows(session, section: str = "sft") -> tuple[list[dict], list[dict]]:
                "none was held out: rerun 03 with a larger filter.val_fraction")
         out = [_selected(rows, lambda r: bool(r.get("constraints")), folder / name, f"{section}.rows", choice, w)
                for rows, name, w in zip(out, SFT_FILES, why)]
-    return out[0], out[1]
+    per_row = getattr(getattr(session.config, section), "answers_per_row", 1)
+    return with_passed_answers(out[0], per_row, folder / SFT_FILES[0], f"{section}.answers_per_row"), out[1]
+
+
+def with_passed_answers(rows: list[dict], per_row: int, path: Path, key: str) -> list[dict]:
+    """Each row, then up to per_row - 1 more rows with its other checked answers (03's `passed_answers`), the
+    prompt the same, marked `further_answer`: rejection-sampling fine-tuning on every distinct passing sample, not
+    only the first."""
+    if per_row > 1 and not any("passed_answers" in r for r in rows):
+        raise BadInputError(f"{path}: no row has passed_answers, which {key} = {per_row} trains on (rerun "
+                            "03_quality_filtering; 02 must have run with generation.constraint_share > 0)")
+    out = []
+    for r in rows:
+        out.append(r)
+        more = r.get("passed_answers", [])[: per_row - 1]
+        out += [{**r, "completion": [{"role": "assistant", "content": a}], "further_answer": True} for a in more]
+    return out
 
 
 def tokenized_sft_split(session, tok, section: str = "sft"):

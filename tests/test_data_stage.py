@@ -487,6 +487,31 @@ def test_constrained_row_without_a_passing_answer_is_rejected_and_passing_one_ke
     assert sft["failed_answers"] == ["Rain, wet."]
 
 
+def test_a_kept_row_carries_its_other_passing_answers_that_03_would_keep():
+    """sft.answers_per_row trains on these: passing, ended, distinct from the kept answer and each other, and clean
+    under 03's rules (a refusal or a cut-off sample is left out even where it passed the constraint)."""
+    cons = [{"id": "punctuation:no_comma", "kwargs": {}, "text": "Do not use any commas."}]
+
+    def sample(text, passed=True, ended=True):
+        return {"text": text, "ended": ended, "pass": passed, "passed": [passed], "n_tokens": 6}
+
+    kept_answer = "Rain falls from clouds as water and keeps the rivers full."
+    samples = [sample("Rain, wet.", passed=False), sample(kept_answer),
+               sample("Rain falls from clouds as water and keeps the rivers full!"),   # the same text, normalised
+               sample("Drops of water fall from grey clouds and soak the ground."),
+               sample("I'm sorry, but I cannot help with that request today."),       # refusal
+               sample("Water falls from the sky in drops and fills the streams", ended=False),
+               sample("Cold drops come down from the sky and wash the streets clean.")]
+    row = _row(0, "Describe rain in a few words please. Do not use any commas.", kept_answer, constraints=cons,
+               constraint_pass=True, samples=samples, base_instruction="Describe rain in a few words please.")
+    kept, _, _ = filtering.filter_rows([row], FilterConfig(min_score=0.0))
+    assert filtering.to_sft(kept[0], FilterConfig(min_score=0.0))["passed_answers"] == [
+        "Drops of water fall from grey clouds and soak the ground.",
+        "Cold drops come down from the sky and wash the streets clean."]
+    assert "passed_answers" not in filtering.to_sft(kept[0])                   # without 03's rules: not judged
+    assert "passed_answers" not in filtering.to_sft({**kept[0], "repaired": True}, FilterConfig(min_score=0.0))
+
+
 def _checked(i, passing, failing):
     return {"id": i, "prompt": f"Describe rain {i}. Do not use any commas.", "candidate_source": "sft",
             "scorer": "offline", "constraints": [{"id": "punctuation:no_comma", "kwargs": {}}],

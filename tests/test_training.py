@@ -502,6 +502,23 @@ def test_row_and_pair_selection_keep_only_checked_data(tmp_path, tiny_model_dir)
     with pytest.raises(BadInputError, match=r"sft_val\.jsonl: sft\.rows = 'constrained' leaves no row"):
         training.sft_rows(S)
 
+    # sft.answers_per_row: a training row's other checked answers (03's passed_answers) become rows of their own
+    rows[0]["passed_answers"], rows[4]["passed_answers"], rows[16]["passed_answers"] = ["b", "c", "d"], [], ["v"]
+    write_jsonl(S.paths.data_filtered / "sft_train.jsonl", rows[:16])
+    write_jsonl(S.paths.data_filtered / "sft_val.jsonl", rows[16:])
+    S.config.sft.answers_per_row = 3
+    train, val = training.sft_rows(S)
+    assert [(r["id"], r["completion"][0]["content"]) for r in train[:4]] == [
+        (0, rows[0]["completion"][0]["content"]), (0, "b"), (0, "c"), (4, rows[4]["completion"][0]["content"])]
+    assert len(train) == 6 and len(val) == 1 and train[1]["prompt"] == rows[0]["prompt"]   # held-out rows: one each
+    assert [bool(r.get("further_answer")) for r in train[:4]] == [False, True, True, False]
+    for r in rows:
+        r.pop("passed_answers", None)
+    write_jsonl(S.paths.data_filtered / "sft_train.jsonl", rows[:16])   # written before 03 kept them
+    with pytest.raises(BadInputError, match=r"sft_train\.jsonl: no row has passed_answers.*rerun 03"):
+        training.sft_rows(S)
+    S.config.sft.answers_per_row = 1
+
     pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": "no"}],
               "pair_rule": "constraint_check" if "constraints" in r else "score"} for r in rows]
     write_jsonl(S.paths.data_preference / "dpo_train.jsonl", pairs[:16])
