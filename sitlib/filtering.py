@@ -273,7 +273,8 @@ def other_passing_answers(row: dict, cfg: FilterConfig) -> list[str]:
     for s in row.get("samples") or []:
         if not (s["pass"] and s["ended"]) or normalise(s["text"]) in seen:
             continue
-        if rule_reasons({**row, "response": s["text"], "response_complete": True}, cfg):
+        alt = {**row, "instruction": row_texts(row)[0], "response": s["text"], "response_complete": True}
+        if rule_reasons(alt, cfg):
             continue
         seen.add(normalise(s["text"]))
         out.append(s["text"])

@@ -93,14 +93,20 @@ def with_passed_answers(rows: list[dict], per_row: int, path: Path, key: str) ->
     """Each row, then up to per_row - 1 more rows with its other checked answers (03's `passed_answers`), the
     prompt the same, marked `further_answer`: rejection-sampling fine-tuning on every distinct passing sample, not
     only the first."""
-    if per_row > 1 and not any("passed_answers" in r for r in rows):
-        raise BadInputError(f"{path}: no row has passed_answers, which {key} = {per_row} trains on (rerun "
-                            "03_quality_filtering; 02 must have run with generation.constraint_share > 0)")
+    if per_row > 1:
+        checked = [r for r in rows if r.get("constraints") and not r.get("repaired")]   # a repaired row has none
+        if not checked:
+            raise BadInputError(f"{path}: no constrained row with a passing sample, which {key} = {per_row} takes "
+                                "further answers from (rerun 02 with generation.constraint_share > 0, then 03)")
+        if any("passed_answers" not in r for r in checked):
+            raise BadInputError(f"{path}: its constrained rows have no passed_answers, which {key} = {per_row} "
+                                "trains on (written before 03 kept them: rerun 03_quality_filtering)")
     out = []
     for r in rows:
         out.append(r)
         more = r.get("passed_answers", [])[: per_row - 1]
-        out += [{**r, "completion": [{"role": "assistant", "content": a}], "further_answer": True} for a in more]
+        out += [{**{k: v for k, v in r.items() if k != "passed_answers"},
+                 "completion": [{"role": "assistant", "content": a}], "further_answer": True} for a in more]
     return out
 
 

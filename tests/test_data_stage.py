@@ -499,6 +499,8 @@ def test_a_kept_row_carries_its_other_passing_answers_that_03_would_keep():
     samples = [sample("Rain, wet.", passed=False), sample(kept_answer),
                sample("Rain falls from clouds as water and keeps the rivers full!"),   # the same text, normalised
                sample("Drops of water fall from grey clouds and soak the ground."),
+               sample("Drops of water fall from grey clouds and soak the ground."),    # twice: kept once
+               sample("Wet."),                                                         # too short for 03
                sample("I'm sorry, but I cannot help with that request today."),       # refusal
                sample("Water falls from the sky in drops and fills the streams", ended=False),
                sample("Cold drops come down from the sky and wash the streets clean.")]

@@ -503,7 +503,9 @@ def test_row_and_pair_selection_keep_only_checked_data(tmp_path, tiny_model_dir)
         training.sft_rows(S)
 
     # sft.answers_per_row: a training row's other checked answers (03's passed_answers) become rows of their own
-    rows[0]["passed_answers"], rows[4]["passed_answers"], rows[16]["passed_answers"] = ["b", "c", "d"], [], ["v"]
+    for r in rows[::4]:
+        r["passed_answers"] = []
+    rows[0]["passed_answers"], rows[16]["passed_answers"] = ["b", "c", "d"], ["v"]
     write_jsonl(S.paths.data_filtered / "sft_train.jsonl", rows[:16])
     write_jsonl(S.paths.data_filtered / "sft_val.jsonl", rows[16:])
     S.config.sft.answers_per_row = 3
@@ -512,12 +514,19 @@ def test_row_and_pair_selection_keep_only_checked_data(tmp_path, tiny_model_dir)
         (0, rows[0]["completion"][0]["content"]), (0, "b"), (0, "c"), (4, rows[4]["completion"][0]["content"])]
     assert len(train) == 6 and len(val) == 1 and train[1]["prompt"] == rows[0]["prompt"]   # held-out rows: one each
     assert [bool(r.get("further_answer")) for r in train[:4]] == [False, True, True, False]
+    assert "passed_answers" not in train[1]
+    assert len(training.sft_rows(S, "prompt_tuning")[0]) == 16        # prompt tuning keeps one answer per row
     for r in rows:
         r.pop("passed_answers", None)
     write_jsonl(S.paths.data_filtered / "sft_train.jsonl", rows[:16])   # written before 03 kept them
-    with pytest.raises(BadInputError, match=r"sft_train\.jsonl: no row has passed_answers.*rerun 03"):
+    with pytest.raises(BadInputError, match=r"sft_train\.jsonl: its constrained rows have no passed_answers.*rer"):
         training.sft_rows(S)
-    S.config.sft.answers_per_row = 1
+    plain = [{k: v for k, v in r.items() if k != "constraints"} for r in rows[:16]]
+    write_jsonl(S.paths.data_filtered / "sft_train.jsonl", plain)   # no constrained row at all
+    S.config.sft.rows = "all"
+    with pytest.raises(BadInputError, match=r"no constrained row with a passing sample.*constraint_share"):
+        training.sft_rows(S)
+    S.config.sft.answers_per_row, S.config.sft.rows = 1, "constrained"
 
     pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": "no"}],
               "pair_rule": "constraint_check" if "constraints" in r else "score"} for r in rows]
