@@ -269,12 +269,12 @@ def other_passing_answers(row: dict, cfg: FilterConfig) -> list[str]:
     """A kept constrained row's other samples that passed every check, ended on EOS and pass 03's rules as its kept
     answer did, distinct texts in sample order: the further answers sft.answers_per_row trains on. A repaired
     row has none (no sample passed)."""
-    seen, out = {normalise(row_texts(row)[1])}, []
+    inst, resp = row_texts(row)
+    seen, out = {normalise(resp)}, []
     for s in row.get("samples") or []:
         if not (s["pass"] and s["ended"]) or normalise(s["text"]) in seen:
             continue
-        alt = {**row, "instruction": row_texts(row)[0], "response": s["text"], "response_complete": True}
-        if rule_reasons(alt, cfg):
+        if rule_reasons({**row, "instruction": inst, "response": s["text"], "response_complete": True}, cfg):
             continue
         seen.add(normalise(s["text"]))
         out.append(s["text"])
