@@ -94,19 +94,23 @@ def with_passed_answers(rows: list[dict], per_row: int, path: Path, key: str) ->
     prompt the same, marked `further_answer`: rejection-sampling fine-tuning on every distinct passing sample, not
     only the first."""
     if per_row > 1:
-        checked = [r for r in rows if r.get("constraints") and not r.get("repaired")]   # a repaired row has none
+        constrained = [r for r in rows if r.get("constraints")]
+        checked = [r for r in constrained if not r.get("repaired")]   # a repaired row has no checked answer
         if not checked:
+            why = (f"all {len(constrained)} constrained rows were repaired by code (generation.constraint_repair): "
+                   "rerun 02 with more generation.constraint_samples, then 03") if constrained else \
+                "rerun 02 with generation.constraint_share > 0, then 03"
             raise BadInputError(f"{path}: no constrained row with a passing sample, which {key} = {per_row} takes "
-                                "further answers from (rerun 02 with generation.constraint_share > 0, then 03)")
+                                f"further answers from ({why})")
         if any("passed_answers" not in r for r in checked):
             raise BadInputError(f"{path}: its constrained rows have no passed_answers, which {key} = {per_row} "
                                 "trains on (written before 03 kept them: rerun 03_quality_filtering)")
     out = []
     for r in rows:
-        out.append(r)
-        more = r.get("passed_answers", [])[: per_row - 1]
-        out += [{**{k: v for k, v in r.items() if k != "passed_answers"},
-                 "completion": [{"role": "assistant", "content": a}], "further_answer": True} for a in more]
+        row = {k: v for k, v in r.items() if k != "passed_answers"}   # every row alike, without the list
+        out.append(row)
+        out += [{**row, "completion": [{"role": "assistant", "content": a}], "further_answer": True}
+                for a in r.get("passed_answers", [])[: per_row - 1]]
     return out
 
 

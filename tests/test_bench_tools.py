@@ -192,3 +192,31 @@ def test_quality_runs_count_the_targets_per_run_and_split_exact_answers_from_ins
     for runs, why in (([a, tmp_path], "expected one quality_<device>.json"), ([a, a], "named twice")):
         with pytest.raises(qr.BadInputError, match=why):
             qr.summarize(runs)
+
+
+def _edit_record(folder: Path, **changes) -> None:
+    path = folder / "quality_GPU.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_quality_runs_count_a_target_at_its_edge_and_refuse_runs_that_cannot_be_compared(tmp_path):
+    qr = load("quality_runs")
+    runs = [_quality_run(tmp_path / name, seed, {"base": [1, 0], "sft": [1, 1], "dpo": [1, 1]})
+            for name, seed in (("edge", 1), ("under", 2))]
+    for folder, pts in zip(runs, (3.0, 2.9)):   # DPO over SFT exactly at the target, and just under it
+        _edit_record(folder, dpo_versus_sft={"variant": "dpo", "points": pts, "won": 1, "lost": 0, "sign_test_p": 1.0})
+    assert qr.summarize(runs)["targets"] == {"sft_vs_base >= 5": 2, "dpo_vs_sft >= 3": 1, "both": 1, "runs": 2}
+    a, b = runs
+    rows = json.loads((b / "benchmark" / "sft.json").read_text())["rows"]
+    (b / "benchmark" / "sft.json").write_text(json.dumps({"rows": rows[:1]}))   # a run that scored fewer items
+    with pytest.raises(qr.BadInputError, match=r"under/benchmark/sft.json: its 1 items are not the 2 items"):
+        qr.summarize(runs)
+    (b / "benchmark" / "sft.json").write_text(json.dumps({"rows": [rows[0], {**rows[1], "prompt_id": "other"}]}))
+    with pytest.raises(qr.BadInputError, match=r"under/benchmark/sft.json: its 2 items are not the 2 items"):
+        qr.summarize(runs)
+    (b / "benchmark" / "sft.json").unlink()
+    with pytest.raises(qr.SitError, match=r"under/benchmark/sft.json"):
+        qr.summarize(runs)
+    _edit_record(b, dpo_versus_sft=None)
+    with pytest.raises(qr.BadInputError, match=r"under/quality_GPU.json has no 'dpo_versus_sft' \(no DPO result"):
+        qr.summarize(runs)

@@ -514,6 +514,15 @@ def test_a_kept_row_carries_its_other_passing_answers_that_03_would_keep():
     assert "passed_answers" not in filtering.to_sft({**kept[0], "repaired": True}, FilterConfig(min_score=0.0))
 
 
+def test_filter_stats_count_the_further_answers_of_the_training_rows_only(tmp_path):
+    S = setup("cpu", str(tmp_path / "o"), verbose=False)
+    train = [{"id": 0, "passed_answers": ["a", "b"]}, {"id": 1, "passed_answers": []}, {"id": 2}]
+    val = [{"id": 3, "passed_answers": ["c"]}]   # held out: 05 never expands it
+    stats = filtering.write_splits(S, train, val, [], {"input_rows": 4, "kept": 4, "rejected": 0, "reasons": {}})
+    assert stats["passed_answers_train"] == 2
+    assert json.loads((S.paths.data_filtered / "filter_stats.json").read_text())["passed_answers_train"] == 2
+
+
 def _checked(i, passing, failing):
     return {"id": i, "prompt": f"Describe rain {i}. Do not use any commas.", "candidate_source": "sft",
             "scorer": "offline", "constraints": [{"id": "punctuation:no_comma", "kwargs": {}}],

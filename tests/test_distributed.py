@@ -273,7 +273,7 @@ def _train(model_dir: str, out: Path, max_steps: int, resume: bool) -> None:
     if torch.distributed.is_initialized():   # as PyTorch asks of every script: gloo's threads can abort at exit
         # every rank reaches the teardown together: rank 1 destroying while rank 0 still wrote its files hung the
         # launch past its timeout, after training had finished
-        torch.distributed.barrier()
+        dist.wait_for_everyone()
         torch.distributed.destroy_process_group()
 
 

@@ -514,7 +514,7 @@ def test_row_and_pair_selection_keep_only_checked_data(tmp_path, tiny_model_dir)
         (0, rows[0]["completion"][0]["content"]), (0, "b"), (0, "c"), (4, rows[4]["completion"][0]["content"])]
     assert len(train) == 6 and len(val) == 1 and train[1]["prompt"] == rows[0]["prompt"]   # held-out rows: one each
     assert [bool(r.get("further_answer")) for r in train[:4]] == [False, True, True, False]
-    assert "passed_answers" not in train[1]
+    assert not any("passed_answers" in r for r in train)
     assert len(training.sft_rows(S, "prompt_tuning")[0]) == 16        # prompt tuning keeps one answer per row
     for r in rows:
         r.pop("passed_answers", None)
@@ -525,6 +525,10 @@ def test_row_and_pair_selection_keep_only_checked_data(tmp_path, tiny_model_dir)
     write_jsonl(S.paths.data_filtered / "sft_train.jsonl", plain)   # no constrained row at all
     S.config.sft.rows = "all"
     with pytest.raises(BadInputError, match=r"no constrained row with a passing sample.*constraint_share"):
+        training.sft_rows(S)
+    repaired = [{**r, "repaired": True} for r in rows[:16]]   # constrained rows, each answer edited by code
+    write_jsonl(S.paths.data_filtered / "sft_train.jsonl", repaired)
+    with pytest.raises(BadInputError, match=r"all 4 constrained rows were repaired by code.*constraint_samples"):
         training.sft_rows(S)
     S.config.sft.answers_per_row, S.config.sft.rows = 1, "constrained"
 
