@@ -241,9 +241,10 @@ def filter_rows(rows: list[dict], cfg: FilterConfig, bench: Optional[list[frozen
     bench = benchmark_shingles() if bench is None else bench
     scored = []
     for row in rows:
+        row, reasons = with_clean_answer(row, rule_reasons(row, cfg), cfg)
         inst, resp = row_texts(row)
         task = row.get("base_instruction") or inst   # a constrained row's task, without its constraint sentences
-        reasons = rule_reasons(row, cfg) + (["benchmark_overlap"] if overlaps_benchmark(task, bench) else [])
+        reasons += ["benchmark_overlap"] if overlaps_benchmark(task, bench) else []
         scored.append((quality_score(request(row, inst), resp), row, reasons))
     scored.sort(key=lambda t: -t[0])   # stable: the best copy of a duplicate cluster is kept
     clean = [t for t in scored if not t[2]]
@@ -257,7 +258,9 @@ def filter_rows(rows: list[dict], cfg: FilterConfig, bench: Optional[list[frozen
         counts.update(reasons)
         (rejected if reasons else kept).append({**row, "quality_score": score, **({"reasons": reasons} if reasons else {})})
     stats = {"input_rows": len(rows), "kept": len(kept), "rejected": len(rejected),
-             "reasons": {r: counts.get(r, 0) for r in REASONS if counts.get(r, 0)}}
+             "reasons": {r: counts.get(r, 0) for r in REASONS if counts.get(r, 0)},
+             # kept constrained rows whose first passing answer broke a rule, kept on a later clean one
+             "answers_replaced": sum(bool(r.get("answer_replaced")) for r in kept)}
     return kept, rejected, stats
 
 
@@ -265,10 +268,9 @@ def strip_added(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("quality_score", "reasons")}
 
 
-def other_passing_answers(row: dict, cfg: FilterConfig) -> list[str]:
-    """A kept constrained row's other samples that passed every check, ended on EOS and pass 03's rules as its kept
-    answer did, distinct texts in sample order: the further answers sft.answers_per_row trains on. A repaired
-    row has none (no sample passed)."""
+def clean_passing_samples(row: dict, cfg: FilterConfig) -> list[dict]:
+    """A constrained row's samples that passed every check, ended on EOS and pass 03's rules, distinct texts (and
+    none the row's answer) in sample order. A repaired row has none (no sample passed)."""
     inst, resp = row_texts(row)
     seen, out = {normalise(resp)}, []
     for s in row.get("samples") or []:
@@ -277,8 +279,27 @@ def other_passing_answers(row: dict, cfg: FilterConfig) -> list[str]:
         if rule_reasons({**row, "instruction": inst, "response": s["text"], "response_complete": True}, cfg):
             continue
         seen.add(normalise(s["text"]))
-        out.append(s["text"])
+        out.append(s)
     return out
+
+
+def other_passing_answers(row: dict, cfg: FilterConfig) -> list[str]:
+    """A kept constrained row's other clean passing samples (clean_passing_samples): the further answers
+    sft.answers_per_row trains on."""
+    return [s["text"] for s in clean_passing_samples(row, cfg)]
+
+
+def with_clean_answer(row: dict, reasons: list[str], cfg: FilterConfig) -> tuple[dict, list[str]]:
+    """(row, its reasons). 02 keeps a constrained row's first passing sample before 03's rules have run: where that
+    answer breaks a rule, the row takes its first other passing sample that breaks none (`answer_replaced`), so a
+    row with a good checked answer is not lost; else the row as it was."""
+    if not reasons or not row.get("constraint_pass") or row.get("repaired"):
+        return row, reasons
+    clean = clean_passing_samples(row, cfg)
+    if not clean:
+        return row, reasons
+    return {**row, "instruction": row_texts(row)[0], "response": clean[0]["text"],
+            "response_tokens": clean[0]["n_tokens"], "response_complete": True, "answer_replaced": True}, []
 
 
 def to_sft(row: dict, cfg: Optional[FilterConfig] = None) -> dict:

@@ -514,6 +514,32 @@ def test_a_kept_row_carries_its_other_passing_answers_that_03_would_keep():
     assert "passed_answers" not in filtering.to_sft({**kept[0], "repaired": True}, FilterConfig(min_score=0.0))
 
 
+def test_a_checked_row_whose_first_passing_answer_breaks_a_rule_keeps_a_later_clean_one():
+    """02 keeps the first passing sample before 03's rules run; a refusal there must not cost the row its other,
+    clean passing answer. Where the instruction itself breaks a rule, or no other sample is clean, the row goes."""
+    cons = [{"id": "punctuation:no_comma", "kwargs": {}, "text": "Do not use any commas."}]
+
+    def sample(text, passed=True, ended=True):
+        return {"text": text, "ended": ended, "pass": passed, "passed": [passed], "n_tokens": len(text.split())}
+
+    refusal = "I'm sorry, but I cannot help with that request today."
+    clean = "Drops of water fall from grey clouds and soak the ground."
+    samples = [sample(refusal), sample("Water falls from the sky in drops and fills", ended=False),
+               sample("Rain, wet.", passed=False), sample(clean),
+               sample("Cold drops come down from the sky and wash the streets clean.")]
+    checked = dict(constraints=cons, constraint_pass=True, samples=samples, base_instruction="Describe rain.")
+    rows = [_row(0, "Describe rain in a few words please. Do not use any commas.", refusal, **checked),
+            _row(1, "Describe snow in a few words please. Do not use any commas.", refusal,
+                 **{**checked, "samples": samples[:3], "base_instruction": "Describe snow."}),   # none clean
+            _row(2, "Hi. Do not use any commas.", refusal, **{**checked, "base_instruction": "Hi."})]   # too short
+    kept, rejected, stats = filtering.filter_rows(rows, FilterConfig(min_score=0.0, min_instruction_words=8))
+    assert [(r["id"], r["response"], r["answer_replaced"]) for r in kept] == [(0, clean, True)]
+    assert kept[0]["response_tokens"] == len(clean.split()) and stats["answers_replaced"] == 1
+    assert {r["id"]: r["reasons"] for r in rejected} == {1: ["refusal"], 2: ["instruction_too_short", "refusal"]}
+    assert filtering.to_sft(kept[0], FilterConfig(min_score=0.0))["passed_answers"] == [
+        "Cold drops come down from the sky and wash the streets clean."]   # the new answer is not repeated
+
+
 def test_filter_stats_count_the_further_answers_of_the_training_rows_only(tmp_path):
     S = setup("cpu", str(tmp_path / "o"), verbose=False)
     train = [{"id": 0, "passed_answers": ["a", "b"]}, {"id": 1, "passed_answers": []}, {"id": 2}]
