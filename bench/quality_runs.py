@@ -40,6 +40,8 @@ def record(run_dir: Path) -> dict:
     for key, why in RECORD_KEYS.items():
         if key not in q or (not q[key] and key != "dpo_eval_reward_accuracy"):   # that one is None if unlogged
             raise BadInputError(f"{found[0]} has no {key!r} ({why})")
+    if "benchmark_items" not in q["counts"] or any("prompt_level_accuracy" not in m for m in q["models"].values()):
+        raise BadInputError(f"{found[0]}: no counts.benchmark_items or a model without prompt_level_accuracy ({WHOLE})")
     return q
 
 

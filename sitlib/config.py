@@ -400,11 +400,6 @@ def check_ranges(cfg: Config, where=lambda key: "") -> None:
         if lo > hi:
             raise ConfigError(f"{where(f'filter.min_{kind}_words')}config keys 'filter.min_{kind}_words' ({lo}) and "
                               f"'filter.max_{kind}_words' ({hi}): the minimum must not exceed the maximum")
-    per_row, samples = cfg.sft.answers_per_row, cfg.generation.constraint_samples
-    if per_row > samples:   # a row holds at most constraint_samples checked answers: the rest would be silently none
-        raise ConfigError(f"{where('sft.answers_per_row')}config keys 'sft.answers_per_row' ({per_row}) and "
-                          f"'generation.constraint_samples' ({samples}): a row has at most constraint_samples "
-                          "answers to train on")
 
 
 def parse_value(text: str) -> Any:

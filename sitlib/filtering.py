@@ -290,16 +290,20 @@ def other_passing_answers(row: dict, cfg: FilterConfig) -> list[str]:
 
 
 def with_clean_answer(row: dict, reasons: list[str], cfg: FilterConfig) -> tuple[dict, list[str]]:
-    """(row, its reasons). 02 keeps a constrained row's first passing sample before 03's rules have run: where that
-    answer breaks a rule, the row takes its first other passing sample that breaks none (`answer_replaced`), so a
-    row with a good checked answer is not lost; else the row as it was."""
-    if not reasons or not row.get("constraint_pass") or row.get("repaired"):
+    """(row, its reasons). 02 keeps a constrained row's first passing, finished sample before 03's rules have run:
+    where that answer breaks a rule, the row takes its first other such sample that breaks none
+    (`answer_replaced`), so a row with a good checked answer is not lost; else the row as it was."""
+    if not reasons or not row.get("constraints") or not row.get("constraint_pass") or row.get("repaired"):
         return row, reasons
     clean = clean_passing_samples(row, cfg)
     if not clean:
         return row, reasons
-    return {**row, "instruction": row_texts(row)[0], "response": clean[0]["text"],
-            "response_tokens": clean[0]["n_tokens"], "response_complete": True, "answer_replaced": True}, []
+    text = clean[0]["text"]
+    # the answer in the field the row holds it in: 02's `response`, or a TRL row's `completion`
+    answer = {"response": text} if "response" in row else \
+        {"completion": [{"role": "assistant", "content": text}] if isinstance(row["completion"], list) else text}
+    return {**row, **answer, "response_tokens": clean[0].get("n_tokens"), "response_complete": True,
+            "answer_replaced": True}, []
 
 
 def to_sft(row: dict, cfg: Optional[FilterConfig] = None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,7 +200,7 @@ def _edit_record(folder: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def test_quality_runs_count_a_target_at_its_edge_and_refuse_runs_that_cannot_be_compared(tmp_path):
+def test_quality_runs_count_a_target_at_its_edge_and_refuse_runs_that_cannot_be_compared(tmp_path, monkeypatch):
     qr = load("quality_runs")
     runs = [_quality_run(tmp_path / name, seed, {"base": [1, 0], "sft": [1, 1], "dpo": [1, 1]})
             for name, seed in (("edge", 1), ("under", 2))]
@@ -216,6 +217,16 @@ def test_quality_runs_count_a_target_at_its_edge_and_refuse_runs_that_cannot_be_
         qr.summarize(runs)
     (b / "benchmark" / "sft.json").unlink()
     with pytest.raises(qr.SitError, match=r"under/benchmark/sft.json"):
+        qr.summarize(runs)
+    monkeypatch.setattr(sys, "argv", ["quality_runs.py", str(a), str(b), "--out", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit, match=r"^quality_runs: .*under/benchmark/sft.json"):   # one line, no traceback
+        qr.main()
+    record = json.loads((b / "quality_GPU.json").read_text())
+    _edit_record(b, versus_base=record["versus_base"][:1])   # an SFT-only record
+    with pytest.raises(qr.BadInputError, match=r"under: its record's versus_base has no sft or dpo entry"):
+        qr.summarize(runs)
+    _edit_record(b, versus_base=record["versus_base"], counts={"sft_steps": 80})
+    with pytest.raises(qr.BadInputError, match=r"under/quality_GPU.json: no counts.benchmark_items"):
         qr.summarize(runs)
     _edit_record(b, dpo_versus_sft=None)
     with pytest.raises(qr.BadInputError, match=r"under/quality_GPU.json has no 'dpo_versus_sft' \(no DPO result"):

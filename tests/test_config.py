@@ -135,13 +135,6 @@ def test_min_above_max_words_is_rejected():
         load_config(None, None, {"filter.min_response_words": 50, "filter.max_response_words": 10})
 
 
-def test_answers_per_row_above_the_samples_a_row_has_is_rejected():
-    cfg = load_config(None, None, {"sft.answers_per_row": 4, "generation.constraint_samples": 4})
-    assert cfg.sft.answers_per_row == 4
-    with pytest.raises(ConfigError, match=r"'sft.answers_per_row' \(5\) and 'generation.constraint_samples' \(4\)"):
-        load_config(None, None, {"sft.answers_per_row": 5, "generation.constraint_samples": 4})
-
-
 def test_a_bad_value_names_the_layer_that_set_it(tmp_path):
     f = tmp_path / "mine.json"
     f.write_text(json.dumps({"sft": {"rows": "bogus"}}))

@@ -515,8 +515,9 @@ def test_a_kept_row_carries_its_other_passing_answers_that_03_would_keep():
 
 
 def test_a_checked_row_whose_first_passing_answer_breaks_a_rule_keeps_a_later_clean_one():
-    """02 keeps the first passing sample before 03's rules run; a refusal there must not cost the row its other,
-    clean passing answer. Where the instruction itself breaks a rule, or no other sample is clean, the row goes."""
+    """02 keeps the first passing, finished sample before 03's rules run; a refusal there must not cost the row its
+    other, clean passing answer. Where the instruction itself breaks a rule, no other sample is clean, the answer
+    was edited by code or the row has no constraint, the row goes as it was."""
     cons = [{"id": "punctuation:no_comma", "kwargs": {}, "text": "Do not use any commas."}]
 
     def sample(text, passed=True, ended=True):
@@ -527,15 +528,24 @@ def test_a_checked_row_whose_first_passing_answer_breaks_a_rule_keeps_a_later_cl
     samples = [sample(refusal), sample("Water falls from the sky in drops and fills", ended=False),
                sample("Rain, wet.", passed=False), sample(clean),
                sample("Cold drops come down from the sky and wash the streets clean.")]
+    none_clean = samples[:3] + [sample("As an AI language model, I cannot describe the weather for you.")]
     checked = dict(constraints=cons, constraint_pass=True, samples=samples, base_instruction="Describe rain.")
-    rows = [_row(0, "Describe rain in a few words please. Do not use any commas.", refusal, **checked),
-            _row(1, "Describe snow in a few words please. Do not use any commas.", refusal,
-                 **{**checked, "samples": samples[:3], "base_instruction": "Describe snow."}),   # none clean
-            _row(2, "Hi. Do not use any commas.", refusal, **{**checked, "base_instruction": "Hi."})]   # too short
+    inst = "Describe {} in a few words please. Do not use any commas."
+    rows = [_row(0, inst.format("rain"), refusal, **checked),
+            _row(1, inst.format("snow"), refusal, **{**checked, "samples": none_clean, "base_instruction": "Snow."}),
+            _row(2, "Hi. Do not use any commas.", refusal, **{**checked, "base_instruction": "Hi."}),   # too short
+            _row(3, inst.format("hail"), refusal, **{**checked, "repaired": True, "base_instruction": "Hail."}),
+            _row(4, inst.format("fog"), refusal, samples=samples, constraint_pass=True),   # no constraint
+            {"id": 5, "prompt": [{"role": "user", "content": inst.format("mist")}],   # a TRL row (the CLI's input)
+             "completion": [{"role": "assistant", "content": refusal}], **{**checked, "base_instruction": "Mist."}}]
     kept, rejected, stats = filtering.filter_rows(rows, FilterConfig(min_score=0.0, min_instruction_words=8))
-    assert [(r["id"], r["response"], r["answer_replaced"]) for r in kept] == [(0, clean, True)]
-    assert kept[0]["response_tokens"] == len(clean.split()) and stats["answers_replaced"] == 1
-    assert {r["id"]: r["reasons"] for r in rejected} == {1: ["refusal"], 2: ["instruction_too_short", "refusal"]}
+    assert [(r["id"], filtering.row_texts(r)[1], r["answer_replaced"]) for r in kept] == [(0, clean, True),
+                                                                                        (5, clean, True)]
+    assert "response" not in kept[1] and kept[0]["response_tokens"] == len(clean.split())
+    assert stats["answers_replaced"] == 2
+    assert {r["id"]: (r["reasons"], r["response"]) for r in rejected} == {
+        1: (["refusal"], refusal), 2: (["instruction_too_short", "refusal"], refusal), 3: (["refusal"], refusal),
+        4: (["refusal"], refusal)}
     assert filtering.to_sft(kept[0], FilterConfig(min_score=0.0))["passed_answers"] == [
         "Cold drops come down from the sky and wash the streets clean."]   # the new answer is not repeated
 
