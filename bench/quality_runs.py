@@ -27,8 +27,7 @@ from sitlib.errors import BadInputError, SitError  # noqa: E402
 TARGETS = {"sft_vs_base": 5.0, "dpo_vs_sft": 3.0}   # points of prompt-level accuracy (bench/README.md)
 SHARED = ("device", "profile", "recipe", "items")
 WHOLE = "a whole series 01-07 through bench_quality.py is needed"
-RECORD_KEYS = {"device": WHOLE, "profile": WHOLE, "counts": WHOLE, "models": WHOLE, "versus_base": WHOLE,
-               "dpo_versus_sft": "no DPO result: " + WHOLE, "dpo_eval_reward_accuracy": "no DPO result: " + WHOLE}
+DPO_KEYS = ("dpo_versus_sft", "dpo_eval_reward_accuracy")
 
 
 def record(run_dir: Path) -> dict:
@@ -37,9 +36,9 @@ def record(run_dir: Path) -> dict:
         raise BadInputError(f"{run_dir}: expected one quality_<device>.json (written by bench_quality.py --keep), "
                             f"found {len(found)}")
     q = read_json(found[0], produced_by="bench/bench_quality.py")
-    for key, why in RECORD_KEYS.items():
+    for key in ("device", "profile", "counts", "models", "versus_base", *DPO_KEYS):
         if key not in q or (not q[key] and key != "dpo_eval_reward_accuracy"):   # that one is None if unlogged
-            raise BadInputError(f"{found[0]} has no {key!r} ({why})")
+            raise BadInputError(f"{found[0]} has no {key!r} ({'no DPO result: ' * (key in DPO_KEYS)}{WHOLE})")
     if "benchmark_items" not in q["counts"] or any("prompt_level_accuracy" not in m for m in q["models"].values()):
         raise BadInputError(f"{found[0]}: no counts.benchmark_items or a model without prompt_level_accuracy ({WHOLE})")
     return q
